@@ -1,0 +1,103 @@
+"""Export a trained fusion model to ONNX (FP32, dynamic batch, uint8 NHWC inputs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("pathology", "radiology")
+OUTPUT_NAMES = ("logits",)
+DEFAULT_OPSET = 18
+
+
+def example_inputs(image_size: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic uint8 example inputs for tracing.
+
+    The batch must be at least 2: with a batch of 1 the exporter may specialise the batch dimension
+    to a constant and the ONNX file would silently accept only one pair at a time.
+    """
+    if batch < 2:
+        raise ValueError("export needs an example batch of at least 2 to keep the batch dimension dynamic")
+    gen = torch.Generator().manual_seed(0)
+    pathology = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, generator=gen)
+    radiology = torch.randint(0, 256, (batch, image_size, image_size, 1), dtype=torch.uint8, generator=gen)
+    return pathology, radiology
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    image_size: int,
+    *,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write ``model`` as a single-file ONNX graph with a dynamic batch axis.
+
+    Args:
+        model: the fusion model; its forward takes uint8 NHWC ``pathology`` [N,S,S,3] and
+            ``radiology`` [N,S,S,1] and returns logits, preprocessing included.
+        path: destination ``.onnx`` file.
+        image_size: S.
+        exporter: ``"dynamo"`` (torch.export based, the default in current torch) or ``"torchscript"``
+            (the legacy tracer, for older torch releases).
+        opset: ONNX opset; at least 17.
+    """
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    path = Path(path)
+    model = model.eval()
+    args = example_inputs(image_size)
+    common = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(
+                model,
+                args,
+                dynamo=True,
+                dynamic_shapes={"pathology": {0: batch}, "radiology": {0: batch}},
+                verbose=False,
+                **common,
+            )
+            # One self-contained file: the models here are far below protobuf's 2 GB limit.
+            program.save(str(path), external_data=False)
+        elif exporter == "torchscript":
+            torch.onnx.export(
+                model,
+                args,
+                str(path),
+                dynamo=False,
+                dynamic_axes={name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)},
+                do_constant_folding=True,
+                **common,
+            )
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}: expected 'dynamo' or 'torchscript'")
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def check_onnx(path: str | Path) -> None:
+    """Run ``onnx.checker`` (with shape inference) and confirm the I/O signature of the bundle contract."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    missing = [name for name in INPUT_NAMES if name not in inputs]
+    if missing or outputs[: len(OUTPUT_NAMES)] != list(OUTPUT_NAMES):
+        raise RuntimeError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
+                           f"found {list(inputs)} and {outputs}")
+    for name in INPUT_NAMES:
+        tensor_type = inputs[name].type.tensor_type
+        if tensor_type.elem_type != onnx.TensorProto.UINT8:
+            raise RuntimeError(f"{path}: input {name} must be uint8")
+        batch_dim = tensor_type.shape.dim[0]
+        if not batch_dim.dim_param:
+            raise RuntimeError(f"{path}: input {name} has a fixed batch dimension ({batch_dim.dim_value})")
