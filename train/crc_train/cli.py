@@ -1,0 +1,188 @@
+"""`crc-train`: train the fusion model and write a run directory.
+
+This module imports without torch: torch, torchvision and medmnist are imported inside the commands, and
+``main`` first checks that the training extra is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+
+import click
+
+from crc_train.config import (
+    BACKBONES,
+    DATA_SOURCES,
+    FUSIONS,
+    SIZES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "sklearn")
+MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[train]'"
+
+_D, _T = DataConfig(), TrainConfig()
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or blocked package counts as missing
+        return False
+
+
+class DefaultGroup(click.Group):
+    """A group that runs ``default_command`` when the first argument names no subcommand.
+
+    So ``crc-train --epochs 2`` trains, and ``crc-train evaluate RUN_DIR`` can be added later.
+    """
+
+    default_command = "train"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("crc_train")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Train the pathology + radiology fusion classifier (default command: train)."""
+
+
+@cli.command("train")
+@click.option(
+    "--data-source",
+    type=click.Choice(DATA_SOURCES),
+    default=_D.source,
+    show_default=True,
+    help="medmnist npz files, or synthetic ones written first (no download needed).",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder with pathmnist{_S}.npz and organamnist{_S}.npz [default: ~/.medmnist].",
+)
+@click.option(
+    "--download/--no-download",
+    default=_D.download,
+    show_default=True,
+    help="Let medmnist download missing npz files.",
+)
+@click.option(
+    "--size",
+    type=click.Choice([str(s) for s in SIZES]),
+    default=str(_D.size),
+    show_default=True,
+    help="Image side in pixels.",
+)
+@click.option(
+    "--pairing-seed",
+    type=int,
+    default=_D.pairing_seed,
+    show_default=True,
+    help="Seed of the pathology -> radiology pairing permutations.",
+)
+@click.option("--max-train-pairs", type=int, default=None, help="Use only the first N training pairs.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default=ModelConfig.backbone, show_default=True)
+@click.option(
+    "--fusion",
+    type=click.Choice(FUSIONS),
+    default=ModelConfig.fusion,
+    show_default=True,
+    help="none = pathology-only baseline.",
+)
+@click.option("--epochs", type=int, default=_T.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=_T.batch_size, show_default=True)
+@click.option("--lr", type=float, default=_T.lr, show_default=True)
+@click.option("--weight-decay", type=float, default=_T.weight_decay, show_default=True)
+@click.option("--seed", type=int, default=_T.seed, show_default=True)
+@click.option("--workers", type=int, default=_T.workers, show_default=True, help="DataLoader workers.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_T.device, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory [default: runs/<timestamp>-<backbone>-<fusion>].",
+)
+@click.option("--quiet", is_flag=True, help="Only warnings and the final result.")
+def train_command(**opts) -> None:  # noqa: ANN003 - click passes every option by name
+    """Train, keep the best checkpoint on validation accuracy, evaluate it on the test split."""
+    from crc_train.loop import train
+
+    _configure_logging(opts["quiet"])
+    size = int(opts["size"])
+    cfg = RunConfig(
+        model=ModelConfig(backbone=opts["backbone"], fusion=opts["fusion"], image_size=size),
+        data=DataConfig(
+            source=opts["data_source"],
+            root=opts["data_root"],
+            size=size,
+            download=opts["download"],
+            pairing_seed=opts["pairing_seed"],
+            mmap=size >= 128,
+            max_train_pairs=opts["max_train_pairs"],
+        ),
+        train=TrainConfig(
+            epochs=opts["epochs"],
+            batch_size=opts["batch_size"],
+            lr=opts["lr"],
+            weight_decay=opts["weight_decay"],
+            seed=opts["seed"],
+            workers=opts["workers"],
+            device=opts["device"],
+            out=opts["out"],
+        ),
+    )
+    result = train(cfg)
+    m = result.metrics
+    click.echo(
+        f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+        f"(best epoch {m['best_epoch']}, {m['n_test']} test pairs)"
+    )
+    click.echo(f"run dir: {result.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns (and exits with) the process status."""
+    missing = [name for name in REQUIRED_MODULES if not _has_module(name)]
+    if missing:
+        click.echo(MISSING_EXTRA, err=True)
+        sys.exit(1)
+
+    from crc_train.checkpoint import CheckpointError
+    from crc_train.config import ConfigError
+    from crc_train.data import DataError
+
+    try:
+        code = cli.main(args=argv, prog_name="crc-train", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        code = 1
+    except click.ClickException as exc:  # unknown flag, bad choice: one line, like every user error
+        click.echo(f"error: {exc.format_message()}", err=True)
+        code = 1
+    except (ConfigError, DataError, CheckpointError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 1
+    code = code if isinstance(code, int) else 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Loading PathMNIST + OrganAMNIST through the medmnist package and pairing them.
+
+The pairing is synthetic (the two datasets come from different patients): within each split, pathology
+sample i gets radiology sample perm[i mod M], perm a seeded permutation of the M radiology samples of
+that split. The labels are the pathology labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from crc_train.config import DataConfig
+from crc_train.synthetic import size_flag, write_synthetic_medmnist
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "PairedDataset",
+    "PairedSplit",
+    "SPLITS",
+    "channel_stats",
+    "class_names",
+    "load_split",
+    "pairing_permutation",
+    "resolve_root",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+DEFAULT_ROOT = "~/.medmnist"
+DEFAULT_SYNTHETIC_ROOT = "~/.cache/crc-fusion/synthetic"
+
+
+class DataError(Exception):
+    """A user-facing data problem (missing files, bad split); the message is one line."""
+
+
+@dataclass
+class PairedSplit:
+    """One split of paired images, ready for a Dataset."""
+
+    #: pathology images, uint8 [N, S, S, 3].
+    pathology: np.ndarray
+    #: paired radiology images, uint8 [N, S, S, 1].
+    radiology: np.ndarray
+    #: pathology labels, int64 [N].
+    labels: np.ndarray
+    #: class names ordered by label index.
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def class_names() -> list[str]:
+    """PathMNIST class names ordered by index, from medmnist's INFO."""
+    import medmnist
+
+    label = medmnist.INFO["pathmnist"]["label"]
+    return [label[str(i)] for i in range(len(label))]
+
+
+def resolve_root(cfg: DataConfig) -> Path:
+    """The folder holding the npz files; for the synthetic source, writes them there first."""
+    if cfg.source == "synthetic":
+        root = Path(cfg.root or DEFAULT_SYNTHETIC_ROOT).expanduser()
+        if not _synthetic_matches(root, cfg):
+            write_synthetic_medmnist(
+                root, cfg.size, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_test, seed=0
+            )
+        return root
+    if cfg.source != "medmnist":
+        raise DataError(f"unknown data source {cfg.source!r}: use medmnist or synthetic")
+    root = Path(cfg.root or DEFAULT_ROOT).expanduser()
+    if cfg.download:
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _synthetic_matches(root: Path, cfg: DataConfig) -> bool:
+    """True when root already holds synthetic files of the requested size and split counts."""
+    want = {"train": cfg.synthetic_train, "val": cfg.synthetic_val, "test": cfg.synthetic_test}
+    for flag in ("pathmnist", "organamnist"):
+        path = root / f"{flag}{size_flag(cfg.size)}.npz"
+        if not path.exists():
+            return False
+        try:
+            with np.load(path) as npz:
+                if any(npz[f"{k}_labels"].shape[0] != n for k, n in want.items()):
+                    return False
+        except (OSError, ValueError, KeyError):
+            return False
+    return True
+
+
+def _missing_message(root: Path, size: int) -> str:
+    flag = size_flag(size)
+    return (
+        f"MedMNIST data not found in {root}: pass --download, or --data-root pointing to a folder with "
+        f"pathmnist{flag}.npz and organamnist{flag}.npz"
+    )
+
+
+def _read(flag: str, cfg: DataConfig, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) arrays of one medmnist dataset, never touching its __len__ (it asserts counts)."""
+    import medmnist
+
+    cls = {"pathmnist": medmnist.PathMNIST, "organamnist": medmnist.OrganAMNIST}[flag]
+    try:
+        ds = cls(
+            split=split,
+            root=str(root),
+            size=cfg.size,
+            download=cfg.download,
+            mmap_mode="r" if cfg.mmap else None,
+        )
+    except RuntimeError as exc:
+        if cfg.download:
+            raise DataError(f"downloading {flag}{size_flag(cfg.size)}.npz into {root} failed") from exc
+        raise DataError(_missing_message(root, cfg.size)) from exc
+    return ds.imgs, ds.labels
+
+
+def pairing_permutation(pairing_seed: int, split: str, m: int) -> np.ndarray:
+    """The seeded permutation of the M radiology samples used for one split.
+
+    Each split gets its own stream derived from (pairing_seed, crc32(split)), so the pairing of one split
+    does not depend on the others and is stable across Python processes (unlike ``hash``).
+    """
+    rng = np.random.default_rng([pairing_seed, zlib.crc32(split.encode())])
+    return rng.permutation(m)
+
+
+def load_split(cfg: DataConfig, split: str) -> PairedSplit:
+    """Load one split of both modalities and pair them.
+
+    Args:
+        cfg: data configuration.
+        split: "train", "val" or "test".
+
+    Returns:
+        The paired split; ``max_train_pairs`` caps the training split only.
+
+    Raises:
+        DataError: the npz files are missing or the split name is unknown.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    root = resolve_root(cfg)
+    if not root.is_dir():
+        raise DataError(_missing_message(root, cfg.size))
+    p_imgs, p_labels = _read("pathmnist", cfg, root, split)
+    r_imgs, _ = _read("organamnist", cfg, root, split)
+    n = p_imgs.shape[0]
+    if split == "train" and cfg.max_train_pairs is not None:
+        n = min(n, cfg.max_train_pairs)
+    m = r_imgs.shape[0]
+    if m == 0 or n == 0:
+        raise DataError(f"the {split} split in {root} is empty")
+    perm = pairing_permutation(cfg.pairing_seed, split, m)
+    r_index = perm[np.arange(n) % m]
+    pathology = np.ascontiguousarray(p_imgs[:n])
+    radiology = np.asarray(r_imgs[r_index])
+    if radiology.ndim == 3:
+        radiology = radiology[..., None]
+    labels = np.asarray(p_labels[:n]).reshape(-1).astype(np.int64)
+    log.info("%s: %d pairs (%d radiology samples) from %s", split, n, m, root)
+    return PairedSplit(pathology, np.ascontiguousarray(radiology), labels, class_names())
+
+
+def channel_stats(split: PairedSplit) -> dict[str, dict[str, list[float]]]:
+    """Per-channel mean and std, in 0..1 units, of a (training) split.
+
+    Returns:
+        ``{"pathology": {"mean": [3], "std": [3]}, "radiology": {"mean": [1], "std": [1]}}``, the
+        ``normalization`` dict the model and the checkpoint carry.
+    """
+    out = {}
+    for name, imgs in (("pathology", split.pathology), ("radiology", split.radiology)):
+        c = imgs.shape[-1]
+        s = np.zeros(c)
+        s2 = np.zeros(c)
+        count = 0
+        # float64 sums over chunks: exact enough and bounded memory at 224 px.
+        for start in range(0, imgs.shape[0], 1024):
+            x = imgs[start : start + 1024].reshape(-1, c).astype(np.float64) / 255.0
+            s += x.sum(0)
+            s2 += (x * x).sum(0)
+            count += x.shape[0]
+        mean = s / count
+        std = np.sqrt(np.maximum(s2 / count - mean**2, 0.0))
+        std = np.maximum(std, 1e-3)  # a constant channel must not divide by zero
+        out[name] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    return out
+
+
+class PairedDataset(Dataset):
+    """Torch Dataset over a PairedSplit: yields (pathology uint8 [S,S,3], radiology uint8 [S,S,1], label)."""
+
+    def __init__(self, split: PairedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return (
+            torch.from_numpy(np.asarray(self.split.pathology[index])),
+            torch.from_numpy(np.asarray(self.split.radiology[index])),
+            int(self.split.labels[index]),
+        )

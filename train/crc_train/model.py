@@ -1,0 +1,198 @@
+"""The dual-branch fusion network (DESIGN.md, "The model").
+
+Module layout (the FP16 exporter relies on these names):
+
+- ``model.preprocess``: uint8 NHWC -> float32 0..1 -> z-score with buffers -> NCHW.
+- ``model.pathology`` / ``model.radiology``: torchvision ResNets with ``fc`` removed (``radiology`` is
+  None for fusion "none" and "early"; for "early", ``pathology`` is the single 4-channel ResNet).
+- ``model.fusion3`` / ``model.fusion4``: cross-modal attention after layer3 / layer4 (None unless
+  fusion is "attention").
+- ``model.head``: dropout + linear.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torchvision
+from torch import nn
+
+from crc_train.config import ModelConfig
+
+__all__ = ["CrossModalAttention", "FusionNet", "ModelConfig", "Preprocess", "build_model"]
+
+log = logging.getLogger(__name__)
+
+# Placeholder statistics for a model built without data; training always passes the real ones and the
+# checkpoint restores them through the state dict.
+_NEUTRAL = {"pathology": {"mean": [0.5] * 3, "std": [0.25] * 3}, "radiology": {"mean": [0.5], "std": [0.25]}}
+
+
+class Preprocess(nn.Module):
+    """uint8 (or float 0..255) NHWC images -> z-scored float32 NCHW, inside the exported graph."""
+
+    def __init__(self, normalization: dict) -> None:
+        super().__init__()
+        for name, channels in (("pathology", 3), ("radiology", 1)):
+            mean = torch.tensor(normalization[name]["mean"], dtype=torch.float32)
+            std = torch.tensor(normalization[name]["std"], dtype=torch.float32)
+            if mean.shape != (channels,) or std.shape != (channels,):
+                raise ValueError(f"normalization[{name!r}] needs {channels} mean and std values")
+            self.register_buffer(f"{name}_mean", mean)
+            self.register_buffer(f"{name}_std", std)
+
+    def forward(self, pathology: torch.Tensor, radiology: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns pathology [N, 3, S, S] and radiology [N, 1, S, S], z-scored float32."""
+        p = (pathology.to(torch.float32) / 255.0 - self.pathology_mean) / self.pathology_std
+        r = (radiology.to(torch.float32) / 255.0 - self.radiology_mean) / self.radiology_std
+        return p.permute(0, 3, 1, 2), r.permute(0, 3, 1, 2)
+
+
+class CrossModalAttention(nn.Module):
+    """Each branch's tokens attend to the other branch's tokens; gated residual per direction.
+
+    With both gates at 0 (their initial value) the block is the identity, so a fresh model is exactly
+    two plain ResNets.
+    """
+
+    def __init__(self, channels: int, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        for side in ("pathology", "radiology"):
+            # q from this side; k, v from the same side (used when the *other* side attends to it).
+            self.add_module(f"{side}_q", nn.Conv2d(channels, dim, 1))
+            self.add_module(f"{side}_k", nn.Conv2d(channels, dim, 1))
+            self.add_module(f"{side}_v", nn.Conv2d(channels, dim, 1))
+            self.add_module(f"{side}_out", nn.Conv2d(dim, channels, 1))
+        self.pathology_gate = nn.Parameter(torch.zeros(()))
+        self.radiology_gate = nn.Parameter(torch.zeros(()))
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, D, H, W] -> [N, heads, H*W, head_dim]."""
+        n = x.shape[0]
+        return x.reshape(n, self.heads, self.head_dim, -1).transpose(2, 3)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention written out, query map shape kept; returns [N, D, Hq, Wq]."""
+        n, _, h, w = q.shape
+        qt, kt, vt = self._tokens(q), self._tokens(k), self._tokens(v)
+        # Scores and softmax in float32 (explicit .float()), so an FP16 export can keep them FP32.
+        scores = torch.matmul(qt.float(), kt.float().transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim))
+        weights = torch.softmax(scores, dim=-1).to(vt.dtype)
+        out = torch.matmul(weights, vt)  # [N, heads, Lq, head_dim]
+        return out.transpose(2, 3).reshape(n, self.heads * self.head_dim, h, w)
+
+    def forward(self, p: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (pathology, radiology) feature maps of unchanged shape."""
+        p_from_r = self._attend(self.pathology_q(p), self.radiology_k(r), self.radiology_v(r))
+        r_from_p = self._attend(self.radiology_q(r), self.pathology_k(p), self.pathology_v(p))
+        p_new = p + self.pathology_gate * self.pathology_out(p_from_r)
+        r_new = r + self.radiology_gate * self.radiology_out(r_from_p)
+        return p_new, r_new
+
+
+def _resnet(backbone: str, in_channels: int, small_input: bool) -> tuple[nn.Module, int]:
+    """A torchvision ResNet (random init) with fc removed; returns (net, pooled feature width)."""
+    net = getattr(torchvision.models, backbone)(weights=None)
+    if small_input:
+        # 28/64 px: a 3x3 stride-1 stem and no max-pool keep layer4 at S/8 instead of S/32.
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if small_input or in_channels != 3:
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, width
+
+
+def _stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+
+def _pool(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(net.avgpool(x), 1)
+
+
+class FusionNet(nn.Module):
+    """Pathology + radiology classifier; see the module docstring for the layout."""
+
+    def __init__(self, cfg: ModelConfig, normalization: dict | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.fusion = cfg.fusion
+        small = cfg.image_size < 128
+        self.preprocess = Preprocess(normalization or _NEUTRAL)
+        self.radiology: nn.Module | None = None
+        self.fusion3: CrossModalAttention | None = None
+        self.fusion4: CrossModalAttention | None = None
+        if cfg.fusion == "early":
+            self.pathology, width = _resnet(cfg.backbone, 4, small)
+            self.embed_dim = width
+        elif cfg.fusion == "none":
+            self.pathology, width = _resnet(cfg.backbone, 3, small)
+            self.embed_dim = width
+        else:
+            self.pathology, width = _resnet(cfg.backbone, 3, small)
+            self.radiology, _ = _resnet(cfg.backbone, 3, small)
+            self.embed_dim = 2 * width
+            if cfg.fusion == "attention":
+                # layer3 has half of layer4's channels in every torchvision ResNet.
+                self.fusion3 = CrossModalAttention(width // 2, cfg.attention_dim, cfg.attention_heads)
+                self.fusion4 = CrossModalAttention(width, cfg.attention_dim, cfg.attention_heads)
+        #: width of one branch's pooled features (the first branch_dim of the embedding are pathology's).
+        self.branch_dim = width
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.embed_dim, cfg.num_classes))
+
+    def forward_features(self, pathology: torch.Tensor, radiology: torch.Tensor) -> torch.Tensor:
+        """Fused embedding [N, embed_dim] from uint8 NHWC pathology [N,S,S,3] and radiology [N,S,S,1]."""
+        p, r = self.preprocess(pathology, radiology)
+        if self.fusion == "none":
+            # The baseline ignores radiology, but keeps it in the graph (times exactly 0, finite inputs)
+            # so every exported model has the same two inputs.
+            return self.pathology(p) + 0.0 * r[:, 0, 0, :1]
+        if self.fusion == "early":
+            return self.pathology(torch.cat([p, r], dim=1))
+        r = r.expand(-1, 3, -1, -1)  # gray -> 3 channels for a stock ResNet branch
+        p, r = _stem(self.pathology, p), _stem(self.radiology, r)
+        p, r = self.pathology.layer1(p), self.radiology.layer1(r)
+        p, r = self.pathology.layer2(p), self.radiology.layer2(r)
+        p, r = self.pathology.layer3(p), self.radiology.layer3(r)
+        if self.fusion3 is not None:
+            p, r = self.fusion3(p, r)
+        p, r = self.pathology.layer4(p), self.radiology.layer4(r)
+        if self.fusion4 is not None:
+            p, r = self.fusion4(p, r)
+        return torch.cat([_pool(self.pathology, p), _pool(self.radiology, r)], dim=1)
+
+    def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits [N, num_classes] from the fused embedding (dropout + linear)."""
+        return self.head(embedding)
+
+    def forward(self, pathology: torch.Tensor, radiology: torch.Tensor) -> torch.Tensor:
+        """Logits float32 [N, num_classes] from uint8 NHWC pathology and radiology images."""
+        return self.forward_head(self.forward_features(pathology, radiology))
+
+
+def build_model(cfg: ModelConfig, normalization: dict | None = None) -> FusionNet:
+    """Build the network described by ``cfg``.
+
+    Args:
+        cfg: architecture.
+        normalization: ``{"pathology": {"mean": [3], "std": [3]}, "radiology": {"mean": [1], "std": [1]}}``
+            in 0..1 units (``data.channel_stats`` of the training split); placeholders when None.
+
+    Returns:
+        The model in training mode, randomly initialised (``cfg.pretrained`` is a hook for later).
+    """
+    model = FusionNet(cfg, normalization)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.debug("built %s/%s: %.1fM parameters", cfg.backbone, cfg.fusion, n_params / 1e6)
+    return model
