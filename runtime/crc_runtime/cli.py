@@ -1,0 +1,194 @@
+"""``crc-infer``: run a bundle on folders of image pairs, or validate a bundle against its reference.
+
+Exit codes: 0 success; 1 a user error (one line on stderr) or ``validate`` FAILED; 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMAND = "run"
+
+
+class DefaultGroup(click.Group):
+    """A group that runs :data:`DEFAULT_COMMAND` when the first argument names no subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _fail(exc: UserError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+DEVICE = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA when onnxruntime has it, else CPU; cuda insists and fails loudly.",
+)
+THREADS = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="onnxruntime intra-op threads (default: onnxruntime decides).",
+)
+VERBOSE = click.option("-v", "--verbose", is_flag=True, help="Log what the runtime does.")
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Run a crc-fusion bundle on image pairs (torch-free).
+
+    \b
+      crc-infer FOLDER --bundle BUNDLE [options]   predictions for every pair in FOLDER
+      crc-infer validate BUNDLE [--device ...]     parity of every artifact on reference.npz
+    """
+
+
+@cli.command(DEFAULT_COMMAND)
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder written by crc-export.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per model call."
+)
+@DEVICE
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Predictions CSV (default: FOLDER/predictions.csv), written atomically.",
+)
+@THREADS
+@VERBOSE
+def run_command(
+    folder: Path,
+    bundle_dir: Path,
+    batch_size: int,
+    device: str,
+    output: Path | None,
+    threads: int | None,
+    verbose: bool,
+) -> None:
+    """Predict every pair in FOLDER (pairs.csv, or pathology/ + radiology/ matched by file stem)."""
+    from .backends.onnxruntime import OrtBackend
+    from .bundle import load_bundle
+    from .pairs import discover_pairs
+    from .predict import run_inference, write_predictions
+    from .timing import format_latency, summarize, throughput
+
+    _setup_logging(verbose)
+    output = output or folder / "predictions.csv"
+    try:
+        bundle = load_bundle(bundle_dir)
+        pairset = discover_pairs(folder)
+        artifact = bundle.artifact("fp32")
+        t0 = time.perf_counter()
+        backend = OrtBackend(
+            bundle.file(artifact["file"]),
+            device=device,
+            intra_op_threads=threads,
+            precision=artifact.get("precision", "fp32"),
+        )
+        load_s = time.perf_counter() - t0
+        try:
+            result = run_inference(pairset, bundle, backend, batch_size)
+        finally:
+            backend.close()
+        if not result.predictions:
+            first = result.skipped[0] if result.skipped else None
+            raise UserError(
+                f"{folder}: no pair could be processed ({len(result.skipped)} skipped"
+                + (f"; first: {first.item}: {first.reason})" if first else ")")
+            )
+        if not output.parent.is_dir():
+            raise UserError(f"{output}: its folder does not exist; create it or pass another --output")
+        write_predictions(output, result, bundle.classes)
+    except UserError as exc:
+        _fail(exc)
+    n = len(result.predictions)
+    click.echo(f"pairs: {n} processed, {len(result.skipped)} skipped (from {pairset.source})")
+    for skip in result.skipped:
+        click.echo(f"  skipped {skip.item}: {skip.reason}")
+    acc = result.accuracy
+    if acc is not None:
+        click.echo(f"accuracy: {acc[0]:.2%} on {acc[1]} labelled pairs")
+    click.echo(
+        f"throughput: {throughput(n, result.total_seconds):.1f} pairs/s end-to-end "
+        f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
+    )
+    lat = summarize(result.batch_seconds)
+    click.echo(
+        f"model latency per batch: {format_latency(lat)} ({backend.name} {artifact['file']}, "
+        f"device {backend.device}, batch size {batch_size}, {lat['count']} batches)"
+    )
+    click.echo(f"predictions: {output}")
+
+
+@cli.command("validate")
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@DEVICE
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Pairs per model call."
+)
+@THREADS
+@VERBOSE
+def validate_command(
+    bundle_dir: Path, device: str, batch_size: int, threads: int | None, verbose: bool
+) -> None:
+    """Run every usable ONNX artifact of BUNDLE on its reference.npz and gate parity with PyTorch."""
+    from .bundle import load_bundle
+    from .validate import format_parity_table, validate_bundle
+
+    _setup_logging(verbose)
+    try:
+        bundle = load_bundle(bundle_dir)
+        rows = validate_bundle(bundle, device=device, batch_size=batch_size, intra_op_threads=threads)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(format_parity_table(rows))
+    ran = [r for r in rows if r["passed"] is not None]
+    if ran and all(r["passed"] for r in ran):
+        click.echo(f"PASSED: {len(ran)} artifact(s) match the PyTorch reference")
+    else:
+        why = (
+            "no artifact could be run"
+            if not ran
+            else f"{sum(not r['passed'] for r in ran)} artifact(s) failed"
+        )
+        click.echo(f"FAILED: {why}")
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point ``crc-infer``."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Parity: compare a backend's logits with the PyTorch FP32 reference and gate them on thresholds."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import BundleError, UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"min_top1_agreement": 1.0, "max_abs_diff": 1e-3},
+    "fp16": {"min_top1_agreement": 0.995, "max_accuracy_delta": 0.005},
+}
+_ORT_INPUTS = ("pathology", "radiology")
+
+
+def compare_logits(reference_logits: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict:
+    """Parity metrics of ``logits`` against ``reference_logits`` (both ``[N, C]``).
+
+    Returns:
+        pairs, top1_agreement, reference_accuracy, accuracy, max_abs_diff, mean_abs_diff and cosine
+        (mean per-row cosine similarity), as plain Python numbers.
+    """
+    ref = np.asarray(reference_logits, dtype=np.float64)
+    out = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    if ref.shape != out.shape or ref.ndim != 2 or len(labels) != len(ref):
+        raise UserError(
+            f"parity: reference logits {list(ref.shape)}, logits {list(out.shape)} and labels "
+            f"{list(labels.shape)} do not line up; expected [N, C], [N, C] and [N]"
+        )
+    diff = np.abs(ref - out)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    dots = (ref * out).sum(axis=1)
+    # Two all-zero rows are identical (cosine 1); one zero row against a non-zero one shares nothing (0).
+    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    n = len(ref)
+    return {
+        "pairs": int(n),
+        "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()) if n else float("nan"),
+        "reference_accuracy": float((ref.argmax(1) == labels).mean()) if n else float("nan"),
+        "accuracy": float((out.argmax(1) == labels).mean()) if n else float("nan"),
+        "max_abs_diff": float(diff.max()) if n else float("nan"),
+        "mean_abs_diff": float(diff.mean()) if n else float("nan"),
+        "cosine": float(cos.mean()) if n else float("nan"),
+    }
+
+
+def passing_thresholds(metrics: dict, thresholds: dict) -> dict[str, float]:
+    """The tightest value of each threshold these metrics meet (Polygraphy's "would pass with")."""
+    needed = {
+        "min_top1_agreement": metrics["top1_agreement"],
+        "max_abs_diff": metrics["max_abs_diff"],
+        "max_mean_abs_diff": metrics["mean_abs_diff"],
+        "max_accuracy_delta": abs(metrics["accuracy"] - metrics["reference_accuracy"]),
+        "min_cosine": metrics["cosine"],
+    }
+    return {key: needed[key] for key in thresholds if key in needed}
+
+
+def gate(metrics: dict, precision: str, thresholds: dict | None = None) -> tuple[bool, list[str]]:
+    """Gate parity metrics on thresholds (``DEFAULT_THRESHOLDS[precision]`` when None).
+
+    Known keys: min_top1_agreement, max_abs_diff, max_mean_abs_diff, max_accuracy_delta, min_cosine.
+
+    Returns:
+        (passed, reasons): one reason per failed threshold, each stating the measured value, the
+        threshold, and the smallest tolerance that would have passed.
+    """
+    if thresholds is None:
+        if precision not in DEFAULT_THRESHOLDS:
+            raise UserError(
+                f"no parity thresholds for precision {precision!r}; known: {sorted(DEFAULT_THRESHOLDS)}"
+            )
+        thresholds = DEFAULT_THRESHOLDS[precision]
+    unknown = set(thresholds) - {
+        "min_top1_agreement",
+        "max_abs_diff",
+        "max_mean_abs_diff",
+        "max_accuracy_delta",
+        "min_cosine",
+    }
+    if unknown:
+        raise UserError(f"unknown parity threshold(s) {sorted(unknown)}")
+    needed = passing_thresholds(metrics, thresholds)
+    reasons = []
+    for key, limit in thresholds.items():
+        value = needed[key]
+        lower_bound = key.startswith("min_")
+        ok = (value >= limit) if lower_bound else (value <= limit)
+        if not ok or math.isnan(value):
+            cmp = "<" if lower_bound else ">"
+            label = key.removeprefix("min_").removeprefix("max_")
+            reasons.append(
+                f"{precision} {label} {value:.6g} {cmp} {key} {limit:.6g} "
+                f"(would pass with {key} {'<=' if lower_bound else '>='} {value:.6g})"
+            )
+    return not reasons, reasons
+
+
+def validate_bundle(
+    bundle: Bundle,
+    device: str = "cpu",
+    batch_size: int = 64,
+    thresholds: dict | None = None,
+    intra_op_threads: int | None = None,
+) -> list[dict]:
+    """Run every usable ONNX artifact on reference.npz and gate it; other artifacts get a skipped row.
+
+    Returns:
+        One row per artifact: artifact, backend, precision, the metrics of :func:`compare_logits`,
+        passed (True/False, or None when skipped), reasons, thresholds, would_pass_with.
+    """
+    from .backends.onnxruntime import OrtBackend  # onnxruntime only when something runs
+
+    thresholds = copy.deepcopy(thresholds or DEFAULT_THRESHOLDS)
+    ref = bundle.load_reference()
+    rows = []
+    for art in bundle.artifacts:
+        name, precision = art.get("file"), art.get("precision", "fp32")
+        row = {"artifact": name, "precision": precision, "backend": "-", "passed": None, "reasons": []}
+        if art.get("kind") != "onnx":
+            row["reasons"] = [f"kind {art.get('kind')!r}: no backend for it in this runtime yet"]
+        elif art.get("usable") is not True:
+            recorded = "; ".join((art.get("parity") or {}).get("reasons") or []) or "no reason recorded"
+            row["reasons"] = [f"marked unusable by crc-export: {recorded}"]
+        else:
+            backend = OrtBackend(
+                bundle.file(name), device=device, intra_op_threads=intra_op_threads, precision=precision
+            )
+            try:
+                chunks = [
+                    backend.infer({k: ref[k][i : i + batch_size] for k in _ORT_INPUTS})["logits"]
+                    for i in range(0, len(ref["labels"]), batch_size)
+                ]
+            finally:
+                backend.close()
+            metrics = compare_logits(ref["logits"], ref["labels"], np.concatenate(chunks))
+            limits = thresholds.get(precision)
+            if limits is None:
+                raise BundleError(f"{bundle.path / name}: no parity thresholds for precision {precision!r}")
+            passed, reasons = gate(metrics, precision, limits)
+            row.update(
+                metrics,
+                backend=backend.name,
+                passed=passed,
+                reasons=reasons,
+                thresholds=limits,
+                would_pass_with=passing_thresholds(metrics, limits),
+            )
+        log.info("%s: %s", name, row)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_parity_table(rows: list[dict]) -> str:
+    """A fixed-width text table of parity rows (missing values print as ``-``)."""
+    header = [
+        "artifact",
+        "backend",
+        "precision",
+        "pairs",
+        "top-1 agreement",
+        "ref acc",
+        "acc",
+        "max |diff|",
+        "mean |diff|",
+        "cosine",
+        "result",
+    ]
+    lines = [header]
+    for r in rows:
+        passed = r.get("passed")
+        result = "PASS" if passed is True else "FAIL" if passed is False else "skipped"
+        lines.append(
+            [
+                str(r.get("artifact", "-")),
+                str(r.get("backend", "-")),
+                str(r.get("precision", "-")),
+                _fmt(r.get("pairs"), "d"),
+                _fmt(r.get("top1_agreement"), ".2%"),
+                _fmt(r.get("reference_accuracy"), ".2%"),
+                _fmt(r.get("accuracy"), ".2%"),
+                _fmt(r.get("max_abs_diff"), ".3g"),
+                _fmt(r.get("mean_abs_diff"), ".3g"),
+                _fmt(r.get("cosine"), ".6f"),
+                result,
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    for r in rows:
+        for reason in r.get("reasons") or []:
+            out.append(f"  {r.get('artifact', '-')}: {reason}")
+    return "\n".join(out)
