@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from crc_train.errors import CheckpointError
 from crc_train.model import FusionNet, ModelConfig, build_model
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "load_checkpoint", "model_from_checkpoint", "save_checkpoint"]
@@ -34,10 +35,6 @@ REQUIRED_KEYS = (
     "best_val_metric",
     "run_id",
 )
-
-
-class CheckpointError(Exception):
-    """A user-facing checkpoint problem (missing, corrupt, unknown version); the message is one line."""
 
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:

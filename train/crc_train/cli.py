@@ -22,6 +22,7 @@ from crc_train.config import (
     RunConfig,
     TrainConfig,
 )
+from crc_train.errors import UserError
 
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "sklearn")
 MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[train]'"
@@ -123,8 +124,6 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="Only warnings and the final result.")
 def train_command(**opts) -> None:  # noqa: ANN003 - click passes every option by name
     """Train, keep the best checkpoint on validation accuracy, evaluate it on the test split."""
-    from crc_train.loop import train
-
     _configure_logging(opts["quiet"])
     size = int(opts["size"])
     cfg = RunConfig(
@@ -149,6 +148,10 @@ def train_command(**opts) -> None:  # noqa: ANN003 - click passes every option b
             out=opts["out"],
         ),
     )
+    cfg.validate()  # before importing torch: bad values fail fast
+
+    from crc_train.loop import train
+
     result = train(cfg)
     m = result.metrics
     click.echo(
@@ -165,10 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(MISSING_EXTRA, err=True)
         sys.exit(1)
 
-    from crc_train.checkpoint import CheckpointError
-    from crc_train.config import ConfigError
-    from crc_train.data import DataError
-
     try:
         code = cli.main(args=argv, prog_name="crc-train", standalone_mode=False)
     except click.exceptions.Abort:
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:  # unknown flag, bad choice: one line, like every user error
         click.echo(f"error: {exc.format_message()}", err=True)
         code = 1
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         code = 1
     code = code if isinstance(code, int) else 0

@@ -9,14 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from crc_train.errors import ConfigError
+
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 FUSIONS = ("none", "early", "late", "attention")
 SIZES = (28, 64, 128, 224)
 DATA_SOURCES = ("medmnist", "synthetic")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message is one line."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crc_train.config import DataConfig
+from crc_train.errors import DataError
 from crc_train.synthetic import size_flag, write_synthetic_medmnist
 
 __all__ = [
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DEFAULT_ROOT = "~/.medmnist"
 DEFAULT_SYNTHETIC_ROOT = "~/.cache/crc-fusion/synthetic"
-
-
-class DataError(Exception):
-    """A user-facing data problem (missing files, bad split); the message is one line."""
 
 
 @dataclass

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from crc_train.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
-from crc_train.config import ConfigError, RunConfig, TrainConfig
+from crc_train.config import RunConfig, TrainConfig
 from crc_train.data import PairedDataset, channel_stats, load_split
+from crc_train.errors import ConfigError
 from crc_train.model import build_model
 
 __all__ = ["RunResult", "evaluate", "resolve_device", "seed_everything", "train", "train_one_epoch"]
@@ -204,13 +205,23 @@ def train(cfg: RunConfig) -> RunResult:
 
     Raises:
         ConfigError: an invalid configuration (user error).
-        crc_train.data.DataError: the data cannot be loaded (user error).
+        DataError: the data cannot be loaded (user error).
     """
     from sklearn.metrics import f1_score
 
     cfg.validate()
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
+
+    # ---- data (before the run dir exists, so a data error leaves nothing behind)
+    splits = {name: load_split(cfg.data, name) for name in ("train", "val", "test")}
+    classes = splits["train"].classes
+    normalization = channel_stats(splits["train"])
+    train_loader = _make_loader(splits["train"], tcfg, shuffle=True, device=device)
+    val_loader = _make_loader(splits["val"], tcfg, shuffle=False, device=device)
+    test_loader = _make_loader(splits["test"], tcfg, shuffle=False, device=device)
+
+    # ---- run dir
     run_dir = Path(tcfg.out) if tcfg.out else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg.out = str(run_dir)
@@ -219,16 +230,8 @@ def train(cfg: RunConfig) -> RunResult:
     write_json(run_dir / "config.json", config_dict)
     log.info("run %s in %s on %s", run_id, run_dir, device)
 
-    # ---- data
-    seed_everything(tcfg.seed)
-    splits = {name: load_split(cfg.data, name) for name in ("train", "val", "test")}
-    classes = splits["train"].classes
-    normalization = channel_stats(splits["train"])
-    train_loader = _make_loader(splits["train"], tcfg, shuffle=True, device=device)
-    val_loader = _make_loader(splits["val"], tcfg, shuffle=False, device=device)
-    test_loader = _make_loader(splits["test"], tcfg, shuffle=False, device=device)
-
     # ---- model and optimiser
+    seed_everything(tcfg.seed)
     model = build_model(cfg.model, normalization).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     log.info(
