@@ -84,6 +84,13 @@ def cli() -> None:
     default=None,
     help="Predictions CSV (default: FOLDER/predictions.csv), written atomically.",
 )
+@click.option(
+    "--artifact",
+    "artifact_name",
+    default="fp32",
+    show_default=True,
+    help="Artifact to run: a file name from the manifest or a precision (fp32, fp16).",
+)
 @THREADS
 @VERBOSE
 def run_command(
@@ -92,6 +99,7 @@ def run_command(
     batch_size: int,
     device: str,
     output: Path | None,
+    artifact_name: str,
     threads: int | None,
     verbose: bool,
 ) -> None:
@@ -107,7 +115,12 @@ def run_command(
     try:
         bundle = load_bundle(bundle_dir)
         pairset = discover_pairs(folder)
-        artifact = bundle.artifact("fp32")
+        artifact = bundle.artifact(artifact_name)
+        if artifact.get("kind") != "onnx":
+            raise UserError(
+                f"{bundle.path / artifact['file']}: kind {artifact.get('kind')!r} has no backend in this "
+                "runtime yet; pass --artifact model.onnx"
+            )
         t0 = time.perf_counter()
         backend = OrtBackend(
             bundle.file(artifact["file"]),
@@ -126,9 +139,14 @@ def run_command(
                 f"{folder}: no pair could be processed ({len(result.skipped)} skipped"
                 + (f"; first: {first.item}: {first.reason})" if first else ")")
             )
-        if not output.parent.is_dir():
-            raise UserError(f"{output}: its folder does not exist; create it or pass another --output")
-        write_predictions(output, result, bundle.classes)
+        if output.is_dir() or not output.parent.is_dir():
+            raise UserError(
+                f"{output}: is a folder or its folder does not exist; pass a file path as --output"
+            )
+        try:
+            write_predictions(output, result, bundle.classes)
+        except OSError as exc:
+            raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
     except UserError as exc:
         _fail(exc)
     n = len(result.predictions)

@@ -48,7 +48,8 @@ def load_image(path: str | os.PathLike, color_mode: str, size: int) -> np.ndarra
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: refused, image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot decode as an image ({exc})") from None
+        detail = str(exc).replace(f" '{path}'", "").replace(str(path), "the file")  # Pillow repeats the path
+        raise ImageError(f"{path}: cannot decode as an image ({detail})") from None
     if array.ndim == 2:
         array = array[:, :, None]
     return np.ascontiguousarray(array)
