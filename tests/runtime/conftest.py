@@ -1,0 +1,209 @@
+"""A real tiny bundle built with onnx.helper, plus example pairs; no torch anywhere in tests/runtime.
+
+The model: Cast -> ReduceMean over H, W -> Concat -> MatMul + Add, so its logits are a linear
+function of the mean colour of each image and numpy computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from crc_runtime.bundle import SCHEMA_VERSION, sha256_file, write_manifest
+from crc_runtime.images import load_image
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+SIZE = 8
+CLASSES = [
+    "adipose",
+    "background",
+    "debris",
+    "lymphocytes",
+    "mucus",
+    "smooth muscle",
+    "normal colon mucosa",
+    "cancer-associated stroma",
+    "colorectal adenocarcinoma epithelium",
+]
+REFERENCE_PAIRS = 20
+
+
+@dataclass
+class Tiny:
+    """The tiny bundle and its example folders, with the numpy twin of the model."""
+
+    bundle: Path
+    csv_dir: Path
+    folders_dir: Path
+    weight: np.ndarray
+    bias: np.ndarray
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    expected: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (predicted, label)
+
+    def logits(self, pathology: np.ndarray, radiology: np.ndarray) -> np.ndarray:
+        feats = np.concatenate(
+            [pathology.astype(np.float32).mean(axis=(1, 2)), radiology.astype(np.float32).mean(axis=(1, 2))],
+            axis=1,
+        )
+        return (feats @ self.weight + self.bias).astype(np.float32)
+
+
+def build_model(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
+    """The tiny ONNX graph: inputs uint8 NHWC with a dynamic batch, output logits float32 [batch, 9]."""
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Cast", ["pathology"], ["p_f"], to=f32),
+        helper.make_node("Cast", ["radiology"], ["r_f"], to=f32),
+        helper.make_node("ReduceMean", ["p_f"], ["p_m"], axes=[1, 2], keepdims=0),
+        helper.make_node("ReduceMean", ["r_f"], ["r_m"], axes=[1, 2], keepdims=0),
+        helper.make_node("Concat", ["p_m", "r_m"], ["feat"], axis=1),
+        helper.make_node("MatMul", ["feat", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "B"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-crc",
+        [
+            helper.make_tensor_value_info("pathology", TensorProto.UINT8, ["batch", SIZE, SIZE, 3]),
+            helper.make_tensor_value_info("radiology", TensorProto.UINT8, ["batch", SIZE, SIZE, 1]),
+        ],
+        [helper.make_tensor_value_info("logits", f32, ["batch", len(CLASSES)])],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def manifest_for(bundle: Path, ref: dict[str, np.ndarray], parity: dict) -> dict:
+    """A manifest per docs/bundle.md for the files already in ``bundle``."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"architecture": "tiny-linear", "backbone": None, "fusion": "late", "image_size": SIZE},
+        "classes": CLASSES,
+        "inputs": [
+            {"name": "pathology", "dtype": "uint8", "shape": ["batch", SIZE, SIZE, 3], "color_mode": "RGB"},
+            {"name": "radiology", "dtype": "uint8", "shape": ["batch", SIZE, SIZE, 1], "color_mode": "L"},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(CLASSES)]}],
+        "resize": {
+            "library": "Pillow",
+            "filter": "BILINEAR",
+            "size": [SIZE, SIZE],
+            "when": "the decoded image is not already size x size",
+        },
+        "files": {name: sha256_file(bundle / name) for name in ("model.onnx", "reference.npz")},
+        "artifacts": [
+            {"file": "model.onnx", "kind": "onnx", "precision": "fp32", "usable": True, "parity": parity}
+        ],
+        "reference": {
+            "file": "reference.npz",
+            "pairs": int(len(ref["labels"])),
+            "split": "test",
+            "accuracy": float((ref["logits"].argmax(1) == ref["labels"]).mean()),
+        },
+        "provenance": {
+            "run_id": "tiny",
+            "run_dir": None,
+            "git_commit": None,
+            "created": None,
+            "versions": {},
+        },
+    }
+
+
+def _image(rng: np.random.Generator, h: int, w: int, c: int, base: np.ndarray) -> np.ndarray:
+    noise = rng.integers(-20, 21, size=(h, w, c))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def build_examples(tiny: Tiny, rng: np.random.Generator) -> None:
+    """Six labelled pairs (8x8, 16x16 and 12x10 images), as pairs.csv and as pathology/ + radiology/."""
+    sizes = [(8, 8), (16, 16), (12, 10), (8, 8), (16, 16), (24, 24)]
+    rows = []
+    for i, (h, w) in enumerate(sizes):
+        pid = f"case-{i}"
+        path_img = _image(rng, h, w, 3, rng.integers(30, 226, size=3))
+        rad_img = _image(rng, h, w, 1, rng.integers(30, 226, size=1))
+        for root, sub in ((tiny.csv_dir, "img"), (tiny.folders_dir, "")):
+            _save(path_img, root / sub / "pathology" / f"{pid}.png")
+            _save(rad_img, root / sub / "radiology" / f"{pid}.png")
+        p = load_image(tiny.csv_dir / "img" / "pathology" / f"{pid}.png", "RGB", SIZE)[None]
+        r = load_image(tiny.csv_dir / "img" / "radiology" / f"{pid}.png", "L", SIZE)[None]
+        predicted = CLASSES[int(tiny.logits(p, r).argmax())]
+        # Every third pair is labelled wrong on purpose, so accuracy is 4/6, not 100 %.
+        label = predicted if i % 3 else CLASSES[(CLASSES.index(predicted) + 1) % len(CLASSES)]
+        tiny.expected[pid] = (predicted, label)
+        rows.append([pid, f"img/pathology/{pid}.png", f"img/radiology/{pid}.png", label])
+    with open(tiny.csv_dir / "pairs.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "pathology", "radiology", "label"])
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """Build the tiny bundle and example folders once per session (treat them as read-only)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    weight = (rng.normal(size=(4, len(CLASSES))) / 8).astype(np.float32)
+    bias = (rng.normal(size=len(CLASSES)) * 4).astype(np.float32)
+    tiny = Tiny(root / "bundle", root / "pairs_csv", root / "pairs_folders", weight, bias)
+    tiny.bundle.mkdir()
+    build_model(tiny.bundle / "model.onnx", weight, bias)
+
+    pathology = rng.integers(0, 256, size=(REFERENCE_PAIRS, SIZE, SIZE, 3), dtype=np.uint8)
+    radiology = rng.integers(0, 256, size=(REFERENCE_PAIRS, SIZE, SIZE, 1), dtype=np.uint8)
+    logits = tiny.logits(pathology, radiology)
+    labels = logits.argmax(1).astype(np.int64)
+    labels[::5] = (labels[::5] + 1) % len(CLASSES)  # the "PyTorch" reference is not perfect either
+    ref = {"pathology": pathology, "radiology": radiology, "labels": labels, "logits": logits}
+    np.savez(tiny.bundle / "reference.npz", **ref)
+    parity = {
+        "backend": "ort-cpu",
+        "pairs": REFERENCE_PAIRS,
+        "top1_agreement": 1.0,
+        "passed": True,
+        "reasons": [],
+    }
+    write_manifest(tiny.bundle, manifest_for(tiny.bundle, ref, parity))
+    build_examples(tiny, rng)
+    return tiny
+
+
+@pytest.fixture
+def bundle_copy(tiny: Tiny, tmp_path: Path) -> Path:
+    """A private copy of the tiny bundle that a test may damage."""
+    return Path(shutil.copytree(tiny.bundle, tmp_path / "bundle"))
+
+
+@pytest.fixture
+def csv_copy(tiny: Tiny, tmp_path: Path) -> Path:
+    """A private copy of the pairs.csv example folder."""
+    return Path(shutil.copytree(tiny.csv_dir, tmp_path / "pairs_csv"))
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def edit_manifest():
+    """``edit_manifest(bundle, fn)`` applies ``fn(manifest)`` to manifest.json in place (no sha256 update)."""
+    return _edit_manifest
