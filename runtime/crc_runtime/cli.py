@@ -108,7 +108,7 @@ def run_command(
     from .bundle import load_bundle
     from .pairs import discover_pairs
     from .predict import run_inference, write_predictions
-    from .timing import format_latency, summarize, throughput
+    from .timing import format_latency, per_pair, summarize, throughput
 
     _setup_logging(verbose)
     output = output or folder / "predictions.csv"
@@ -161,9 +161,11 @@ def run_command(
         f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
     )
     lat = summarize(result.batch_seconds)
+    pair_p50 = per_pair(lat, batch_size)["median_ms"]
     click.echo(
-        f"model latency per batch: {format_latency(lat)} ({backend.name} {artifact['file']}, "
-        f"device {backend.device}, batch size {batch_size}, {lat['count']} batches)"
+        f"model latency per batch: {format_latency(lat)}; {pair_p50:.3f} ms per pair at p50 "
+        f"({backend.name} {backend.version}, {artifact['file']}, device {backend.device}, "
+        f"batch size {batch_size}, {lat['count']} batches, first one run once untimed as warm-up)"
     )
     click.echo(f"predictions: {output}")
 

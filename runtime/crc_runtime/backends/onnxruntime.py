@@ -69,6 +69,7 @@ class OrtBackend:
         self.device = resolve_device(device)
         self.precision = precision
         self.name = f"ort-{self.device}"
+        self.version = f"onnxruntime {ort.__version__}"
         provider = PROVIDERS[self.device]
         available = ort.get_available_providers()
         if provider not in available:
