@@ -212,6 +212,15 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
     for spec in inputs:
         if not isinstance(spec, dict) or not {"name", "dtype", "shape"} <= spec.keys():
             raise BundleError(f"{where}: input spec {spec!r} needs name, dtype and shape; {_REEXPORT}")
+        shape = spec["shape"]
+        if not (isinstance(shape, list) and len(shape) == 4 and shape[1] == shape[2] == size[0]):
+            raise BundleError(
+                f"{where}: input {spec['name']} shape {shape!r} is not [batch, {size[0]}, {size[0]}, C] "
+                f"as resize.size says; {_REEXPORT}"
+            )
+    for art in artifacts if isinstance(artifacts, list) else [artifacts]:
+        if not isinstance(art, dict) or not isinstance(art.get("file"), str):
+            raise BundleError(f"{where}: artifact entry {art!r} needs at least a 'file' name; {_REEXPORT}")
     _verify_files(bundle, files, where)
     log.info(
         "bundle %s: schema %s, %d classes, size %d, %d files verified",

@@ -91,6 +91,27 @@ def input_plan(bundle: Bundle) -> list[tuple[str, str]]:
     return plan
 
 
+def check_backend(bundle: Bundle, backend: Backend) -> None:
+    """The manifest's inputs must be the model's own: same names, dtypes and ranks.
+
+    Raises:
+        BundleError: One line naming the first disagreement.
+    """
+    model = {s.name: s for s in backend.input_specs}
+    wanted = {spec["name"]: spec for spec in bundle.inputs}
+    if set(model) != set(wanted):
+        raise BundleError(
+            f"{bundle.path}: manifest inputs {sorted(wanted)} but the model has {sorted(model)}; "
+            "re-export the bundle"
+        )
+    for name, spec in wanted.items():
+        if model[name].dtype != spec["dtype"] or len(model[name].shape) != len(spec["shape"]):
+            raise BundleError(
+                f"{bundle.path}: manifest says input {name} is {spec['dtype']} {spec['shape']}, "
+                f"the model has {model[name].describe()}; re-export the bundle"
+            )
+
+
 def _decode(pair: Pair, plan: list[tuple[str, str]], size: int) -> dict[str, np.ndarray]:
     return {name: load_image(getattr(pair, name), mode, size) for name, mode in plan}
 
@@ -108,6 +129,7 @@ def run_inference(
         warmup: Run the first batch once untimed so lazy initialisation does not count as latency.
     """
     plan = input_plan(bundle)
+    check_backend(bundle, backend)
     result = InferenceResult(skipped=list(pairset.skipped), batch_size=batch_size)
     start = time.perf_counter()
     batch: list[tuple[Pair, int | None, dict[str, np.ndarray]]] = []

@@ -136,3 +136,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_input_shape_must_match_resize_size(bundle_copy, edit_manifest):
+    edit_manifest(bundle_copy, lambda m: m["inputs"][0].update(shape=["batch", 28, 28, 3]))
+    with pytest.raises(BundleError) as exc:
+        load_bundle(bundle_copy)
+    assert "pathology" in _one_line(exc) and "resize.size" in str(exc.value)
+
+
+def test_manifest_disagreeing_with_model_is_refused(tiny, bundle_copy, edit_manifest):
+    from crc_runtime.backends.onnxruntime import OrtBackend
+    from crc_runtime.pairs import discover_pairs
+    from crc_runtime.predict import run_inference
+
+    edit_manifest(bundle_copy, lambda m: m["inputs"][1].update(dtype="float32"))
+    bundle = load_bundle(bundle_copy)
+    with OrtBackend(bundle.file("model.onnx")) as backend, pytest.raises(BundleError) as exc:
+        run_inference(discover_pairs(tiny.csv_dir), bundle, backend)
+    assert "radiology" in _one_line(exc) and "float32" in str(exc.value)
