@@ -62,7 +62,10 @@ def _configure_logging(quiet: bool) -> None:
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Train the pathology + radiology fusion classifier (default command: train)."""
+    """Train the pathology + radiology fusion classifier.
+
+    With no command, runs `train`: `crc-train --epochs 2 ...`; see `crc-train train --help` for its options.
+    """
 
 
 @cli.command("train")

@@ -9,17 +9,11 @@ test_predictions.npz. Every file is written atomically (temp file + os.replace).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import os
 import random
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +27,11 @@ from crc_train.config import RunConfig, TrainConfig
 from crc_train.data import PairedDataset, channel_stats, load_split
 from crc_train.errors import ConfigError
 from crc_train.model import build_model
+from crc_train.rundir import default_run_dir, write_json, write_metrics_csv, write_predictions
 
 __all__ = ["RunResult", "evaluate", "resolve_device", "seed_everything", "train", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
-
-METRICS_CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
 @dataclass
@@ -75,37 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically."""
-    _write_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rewrite metrics.csv atomically with every epoch row so far."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(path, buf.getvalue())
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    """runs/<UTC timestamp>-<backbone>-<fusion>."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.model.backbone}-{cfg.model.fusion}"
 
 
 def _make_loader(split, tcfg: TrainConfig, shuffle: bool, device: torch.device) -> DataLoader:
@@ -311,10 +273,7 @@ def train(cfg: RunConfig) -> RunResult:
         "run_id": run_id,
     }
     write_json(run_dir / "metrics.json", metrics)
-    fd, tmp = tempfile.mkstemp(prefix=".test_predictions.", suffix=".npz", dir=run_dir)
-    os.close(fd)
-    np.savez(tmp, labels=test["labels"], preds=test["preds"], probs=test["probs"])
-    os.replace(tmp, run_dir / "test_predictions.npz")
+    write_predictions(run_dir / "test_predictions.npz", test["labels"], test["preds"], test["probs"])
     log.info(
         "test accuracy %.4f macro-F1 %.4f (best epoch %d)",
         metrics["accuracy"],
