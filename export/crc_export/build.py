@@ -126,6 +126,9 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
 
     bundle.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.partial-", dir=bundle.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished bundle gets normal permissions
     try:
         onnx_path = export_onnx(model, work / "model.onnx", image_size, exporter=cfg.exporter, opset=cfg.opset)
         check_onnx(onnx_path)

@@ -29,8 +29,9 @@ REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "onnx", "onnxscript", "o
 @click.option("-v", "--verbose", is_flag=True, help="Log progress.")
 def export_command(run_dir, bundle, parity_pairs, data_root, exporter, opset, fp32_max_abs_diff, overwrite, verbose):
     """Export RUN_DIR (a crc-train run) as a bundle: model.onnx, reference.npz and manifest.json."""
-    from crc_runtime.errors import UserError
+    from crc_runtime.errors import UserError as RuntimeUserError
     from crc_runtime.validate import format_parity_table
+    from crc_train.errors import UserError as TrainUserError
 
     from .build import ExportConfig, build_bundle
 
@@ -40,7 +41,7 @@ def export_command(run_dir, bundle, parity_pairs, data_root, exporter, opset, fp
     cfg.thresholds["fp32"]["max_abs_diff"] = fp32_max_abs_diff
     try:
         result = build_bundle(run_dir, bundle, cfg)
-    except UserError as exc:
+    except (RuntimeUserError, TrainUserError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     rows = [{"artifact": a["file"], "precision": a["precision"], **a["parity"]} for a in result.manifest["artifacts"]]

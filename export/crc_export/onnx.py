@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,14 +57,17 @@ def export_onnx(
     with torch.no_grad():
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(
-                model,
-                args,
-                dynamo=True,
-                dynamic_shapes={"pathology": {0: batch}, "radiology": {0: batch}},
-                verbose=False,
-                **common,
-            )
+            with warnings.catch_warnings():
+                # Both inputs share the one batch axis, so torch says it merges the two names: expected.
+                warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
+                program = torch.onnx.export(
+                    model,
+                    args,
+                    dynamo=True,
+                    dynamic_shapes={"pathology": {0: batch}, "radiology": {0: batch}},
+                    verbose=False,
+                    **common,
+                )
             # One self-contained file: the models here are far below protobuf's 2 GB limit.
             program.save(str(path), external_data=False)
         elif exporter == "torchscript":

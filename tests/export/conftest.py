@@ -1,0 +1,23 @@
+"""A tiny trained run, made once per session in-process, for the export tests."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch", reason="the export tests need the [export] extra (torch)")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished crc-train run: resnet18 with cross-modal attention on synthetic 28-px data, 1 epoch."""
+    from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from crc_train.loop import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = RunConfig(
+        model=ModelConfig(backbone="resnet18", fusion="attention", image_size=28),
+        data=DataConfig(source="synthetic", root=str(root / "data"), size=28, max_train_pairs=64),
+        train=TrainConfig(epochs=1, batch_size=32, seed=0, device="cpu", out=str(root / "run")),
+    )
+    train(cfg)
+    return root / "run"
