@@ -1,6 +1,7 @@
 """``crc-infer``: run a bundle on folders of image pairs, or validate a bundle against its reference.
 
-Exit codes: 0 success; 1 a user error (one line on stderr) or ``validate`` FAILED; 2 bad command line.
+Exit codes: 0 success (every pair processed); 1 a user error (one line on stderr), nothing could be
+processed, or ``validate`` FAILED; 2 bad command line; 3 predictions written but some inputs were skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMAND = "run"
+EXIT_SKIPPED = 3  # the run finished and wrote its predictions, but some inputs were skipped
 
 
 class DefaultGroup(click.Group):
@@ -85,6 +87,11 @@ def cli() -> None:
     help="Predictions CSV (default: FOLDER/predictions.csv), written atomically.",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue a killed run from OUTPUT.partial: pairs already written are not run again.",
+)
+@click.option(
     "--artifact",
     "artifact_name",
     default="fp32",
@@ -99,15 +106,21 @@ def run_command(
     batch_size: int,
     device: str,
     output: Path | None,
+    resume: bool,
     artifact_name: str,
     threads: int | None,
     verbose: bool,
 ) -> None:
-    """Predict every pair in FOLDER (pairs.csv, or pathology/ + radiology/ matched by file stem)."""
+    """Predict every pair in FOLDER (pairs.csv, or pathology/ + radiology/ matched by file stem).
+
+    Exit 0 when every pair was processed, 3 when predictions were written but some inputs were
+    skipped (each listed with its reason), 1 on a user error or when nothing could be processed.
+    """
     from .backends.onnxruntime import OrtBackend
-    from .bundle import load_bundle
+    from .bundle import MANIFEST_NAME, load_bundle, sha256_file
     from .pairs import discover_pairs
-    from .predict import run_inference, write_predictions
+    from .predict import prediction_columns, prediction_row, run_inference
+    from .predictions import PredictionWriter
     from .timing import format_latency, per_pair, summarize, throughput
 
     _setup_logging(verbose)
@@ -129,33 +142,49 @@ def run_command(
             precision=artifact.get("precision", "fp32"),
         )
         load_s = time.perf_counter() - t0
+        if output.is_dir() or not output.parent.is_dir():
+            raise UserError(
+                f"{output}: is a folder or its folder does not exist; pass a file path as --output"
+            )
+        run_key = {
+            "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
+            "artifact": artifact["file"],
+        }
+        writer = PredictionWriter(output, prediction_columns(bundle.classes), resume, run_key)
         try:
-            result = run_inference(pairset, bundle, backend, batch_size)
+            result = run_inference(
+                pairset,
+                bundle,
+                backend,
+                batch_size,
+                skip_ids=writer.done_ids,
+                on_batch=lambda preds: writer.write_rows(prediction_row(p, bundle.classes) for p in preds),
+            )
         finally:
             backend.close()
-        if not result.predictions:
+        if not result.predictions and not result.resumed:
+            writer.discard()
             first = result.skipped[0] if result.skipped else None
             raise UserError(
                 f"{folder}: no pair could be processed ({len(result.skipped)} skipped"
                 + (f"; first: {first.item}: {first.reason})" if first else ")")
             )
-        if output.is_dir() or not output.parent.is_dir():
-            raise UserError(
-                f"{output}: is a folder or its folder does not exist; pass a file path as --output"
-            )
         try:
-            write_predictions(output, result, bundle.classes)
+            writer.finalize(order=[p.id for p in pairset.pairs])
         except OSError as exc:
             raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
     except UserError as exc:
         _fail(exc)
     n = len(result.predictions)
-    click.echo(f"pairs: {n} processed, {len(result.skipped)} skipped (from {pairset.source})")
+    resumed = f", {result.resumed} already in {writer.partial.name} (resumed)" if resume else ""
+    click.echo(f"pairs: {n} processed{resumed}, {len(result.skipped)} skipped (from {pairset.source})")
     for skip in result.skipped:
         click.echo(f"  skipped {skip.item}: {skip.reason}")
-    acc = result.accuracy
-    if acc is not None:
-        click.echo(f"accuracy: {acc[0]:.2%} on {acc[1]} labelled pairs")
+    # Accuracy over the whole predictions file: this run's pairs plus the rows a resumed run kept.
+    old = [row[-1] == "1" for row in writer.resumed_rows if row[-1] != ""]
+    new = [p.predicted == p.label for p in result.predictions if p.label is not None]
+    if old or new:
+        click.echo(f"accuracy: {sum(old + new) / len(old + new):.2%} on {len(old + new)} labelled pairs")
     click.echo(
         f"throughput: {throughput(n, result.total_seconds):.1f} pairs/s end-to-end "
         f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
@@ -168,6 +197,8 @@ def run_command(
         f"batch size {batch_size}, {lat['count']} batches, first one run once untimed as warm-up)"
     )
     click.echo(f"predictions: {output}")
+    if result.skipped:
+        sys.exit(EXIT_SKIPPED)
 
 
 @cli.command("validate")

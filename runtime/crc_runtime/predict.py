@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class InferenceResult:
     total_seconds: float = 0.0  # decode + resize + infer, without the untimed warm-up call
     warmup_seconds: float = 0.0
     batch_size: int = 0
+    resumed: int = 0  # pairs left out because a resumed run already wrote them
 
     @property
     def accuracy(self) -> tuple[float, int] | None:
@@ -117,7 +119,13 @@ def _decode(pair: Pair, plan: list[tuple[str, str]], size: int) -> dict[str, np.
 
 
 def run_inference(
-    pairset: PairSet, bundle: Bundle, backend: Backend, batch_size: int = 32, warmup: bool = True
+    pairset: PairSet,
+    bundle: Bundle,
+    backend: Backend,
+    batch_size: int = 32,
+    warmup: bool = True,
+    skip_ids: Collection[str] = frozenset(),
+    on_batch: Callable[[list[Prediction]], None] | None = None,
 ) -> InferenceResult:
     """Decode, batch and run every pair; undecodable pairs and unknown labels are skipped with a reason.
 
@@ -127,6 +135,9 @@ def run_inference(
         backend: Any :class:`~crc_runtime.backends.base.Backend`.
         batch_size: Pairs per model call.
         warmup: Run the first batch once untimed so lazy initialisation does not count as latency.
+        skip_ids: Ids already done (``crc-infer --resume``): counted in ``resumed``, not decoded.
+        on_batch: Called with each batch's predictions, in pair order, as soon as they exist
+            (the :class:`~crc_runtime.predictions.PredictionWriter` appends them to disk).
     """
     plan = input_plan(bundle)
     check_backend(bundle, backend)
@@ -150,9 +161,14 @@ def run_inference(
             )
         for (pair, label, _), probs in zip(batch, softmax(logits), strict=True):
             result.predictions.append(Prediction(pair.id, probs, int(probs.argmax()), label))
+        if on_batch is not None:
+            on_batch(result.predictions[-len(batch) :])
         batch.clear()
 
     for pair in pairset.pairs:
+        if pair.id in skip_ids:
+            result.resumed += 1
+            continue
         try:
             label = resolve_label(pair.label, bundle.classes)
             arrays = _decode(pair, plan, bundle.image_size)
@@ -181,13 +197,22 @@ def column_names(classes: list[str]) -> list[str]:
     return names
 
 
+def prediction_columns(classes: list[str]) -> list[str]:
+    """The predictions.csv header: id, predicted, prob_<class>..., label, correct."""
+    return ["id", "predicted", *column_names(classes), "label", "correct"]
+
+
+def prediction_row(p: Prediction, classes: list[str]) -> list[str]:
+    """One predictions.csv row (probabilities with 6 decimals; label and correct empty when unlabelled)."""
+    label = "" if p.label is None else classes[p.label]
+    correct = "" if p.label is None else str(int(p.predicted == p.label))
+    return [p.id, classes[p.predicted], *(f"{x:.6f}" for x in p.probs), label, correct]
+
+
 def write_predictions(path: str | os.PathLike, result: InferenceResult, classes: list[str]) -> None:
-    """Write predictions.csv atomically: id, predicted, prob_<class>..., label, correct."""
+    """Write predictions.csv atomically in one go (the CLI streams rows with PredictionWriter instead)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "predicted", *column_names(classes), "label", "correct"])
-    for p in result.predictions:
-        label = "" if p.label is None else classes[p.label]
-        correct = "" if p.label is None else str(int(p.predicted == p.label))
-        writer.writerow([p.id, classes[p.predicted], *(f"{x:.6f}" for x in p.probs), label, correct])
+    writer.writerow(prediction_columns(classes))
+    writer.writerows(prediction_row(p, classes) for p in result.predictions)
     atomic_write_text(path, buf.getvalue())
