@@ -1,4 +1,4 @@
-"""The inference pipeline: decode + resize pairs, batch them, run a backend, collect predictions."""
+"""The inference pipeline: decode + resize pairs in a bounded thread pool, batch them, run a backend."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,14 +46,20 @@ class InferenceResult:
     warmup_seconds: float = 0.0
     batch_size: int = 0
     resumed: int = 0  # pairs left out because a resumed run already wrote them
+    processed: int = 0  # pairs predicted (also counted when predictions are not kept)
+    labelled: int = 0
+    correct: int = 0
+    batch_pairs: list[int] = field(default_factory=list)  # pairs in each timed batch
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)  # backend stages per batch (h2d, ...)
+    decode_wait_seconds: float = 0.0  # time inference waited for decoding (0 when decode keeps up)
+    workers: int = 0
 
     @property
     def accuracy(self) -> tuple[float, int] | None:
         """(accuracy, labelled pairs), or None when no pair has a label."""
-        labelled = [p for p in self.predictions if p.label is not None]
-        if not labelled:
+        if not self.labelled:
             return None
-        return sum(p.predicted == p.label for p in labelled) / len(labelled), len(labelled)
+        return self.correct / self.labelled, self.labelled
 
 
 def resolve_label(label: str | None, classes: list[str]) -> int | None:
@@ -118,6 +126,15 @@ def _decode(pair: Pair, plan: list[tuple[str, str]], size: int) -> dict[str, np.
     return {name: load_image(getattr(pair, name), mode, size) for name, mode in plan}
 
 
+def default_workers() -> int:
+    """Decode threads: one per usable core, at most 8 (Pillow releases the GIL while it decodes)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
 def run_inference(
     pairset: PairSet,
     bundle: Bundle,
@@ -126,8 +143,16 @@ def run_inference(
     warmup: bool = True,
     skip_ids: Collection[str] = frozenset(),
     on_batch: Callable[[list[Prediction]], None] | None = None,
+    workers: int | None = None,
+    prefetch_batches: int = 2,
+    keep_predictions: bool = True,
 ) -> InferenceResult:
     """Decode, batch and run every pair; undecodable pairs and unknown labels are skipped with a reason.
+
+    Decoding streams: a pool of ``workers`` threads decodes and resizes pairs in input order while the
+    backend runs the current batch. At most ``prefetch_batches x batch_size`` pairs are queued for or
+    held after decoding, plus the batch being filled, so at most ``(prefetch_batches + 1) x batch_size``
+    decoded pairs exist at once whatever the folder size. Predictions come out in input order.
 
     Args:
         pairset: Pairs from :func:`crc_runtime.pairs.discover_pairs`.
@@ -138,10 +163,15 @@ def run_inference(
         skip_ids: Ids already done (``crc-infer --resume``): counted in ``resumed``, not decoded.
         on_batch: Called with each batch's predictions, in pair order, as soon as they exist
             (the :class:`~crc_runtime.predictions.PredictionWriter` appends them to disk).
+        workers: Decode threads (None: :func:`default_workers`; 0: decode on the calling thread).
+        prefetch_batches: Batches decoded ahead of the one running.
+        keep_predictions: Keep every Prediction in ``result.predictions``; False keeps memory flat
+            (counts and accuracy are still kept; use ``on_batch`` to see the rows).
     """
     plan = input_plan(bundle)
     check_backend(bundle, backend)
-    result = InferenceResult(skipped=list(pairset.skipped), batch_size=batch_size)
+    workers = default_workers() if workers is None else max(0, int(workers))
+    result = InferenceResult(skipped=list(pairset.skipped), batch_size=batch_size, workers=workers)
     start = time.perf_counter()
     batch: list[tuple[Pair, int | None, dict[str, np.ndarray]]] = []
 
@@ -154,35 +184,73 @@ def run_inference(
         t0 = time.perf_counter()
         logits = backend.infer(inputs)["logits"]
         result.batch_seconds.append(time.perf_counter() - t0)
+        result.batch_pairs.append(len(batch))
+        for stage, ms in (getattr(backend, "last_timings", None) or {}).items():
+            result.stage_ms.setdefault(stage, []).append(ms)
         if logits.ndim != 2 or logits.shape[1] != len(bundle.classes):
             raise BundleError(
                 f"{bundle.path}: model gives logits {list(logits.shape)} but the manifest "
                 f"lists {len(bundle.classes)} classes; re-export the bundle"
             )
-        for (pair, label, _), probs in zip(batch, softmax(logits), strict=True):
-            result.predictions.append(Prediction(pair.id, probs, int(probs.argmax()), label))
+        preds = [
+            Prediction(pair.id, probs, int(probs.argmax()), label)
+            for (pair, label, _), probs in zip(batch, softmax(logits), strict=True)
+        ]
+        result.processed += len(preds)
+        for p in preds:
+            if p.label is not None:
+                result.labelled += 1
+                result.correct += int(p.predicted == p.label)
+        if keep_predictions:
+            result.predictions.extend(preds)
         if on_batch is not None:
-            on_batch(result.predictions[-len(batch) :])
+            on_batch(preds)
         batch.clear()
 
-    for pair in pairset.pairs:
-        if pair.id in skip_ids:
-            result.resumed += 1
-            continue
-        try:
-            label = resolve_label(pair.label, bundle.classes)
-            arrays = _decode(pair, plan, bundle.image_size)
-        except ImageError as exc:
-            result.skipped.append(Skip(pair.id, str(exc)))
-            continue
-        except ValueError as exc:
-            result.skipped.append(Skip(pair.id, str(exc)))
-            continue
-        batch.append((pair, label, arrays))
-        if len(batch) == batch_size:
+    todo = iter(pairset.pairs)
+    pending: deque[tuple[Pair, int | None, Future | None]] = deque()
+    limit = max(1, prefetch_batches) * batch_size
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="crc-decode") if workers else None
+
+    def fill() -> None:
+        while len(pending) < limit:
+            pair = next(todo, None)
+            if pair is None:
+                return
+            if pair.id in skip_ids:
+                result.resumed += 1
+                continue
+            try:
+                label = resolve_label(pair.label, bundle.classes)
+            except ValueError as exc:
+                result.skipped.append(Skip(pair.id, str(exc)))
+                continue
+            job = pool.submit(_decode, pair, plan, bundle.image_size) if pool else None
+            pending.append((pair, label, job))
+
+    try:
+        fill()
+        while pending:
+            pair, label, job = pending.popleft()
+            t_wait = time.perf_counter()
+            try:
+                arrays = job.result() if job is not None else _decode(pair, plan, bundle.image_size)
+            except (ImageError, ValueError) as exc:
+                result.skipped.append(Skip(pair.id, str(exc)))
+                continue
+            finally:
+                result.decode_wait_seconds += time.perf_counter() - t_wait
+                fill()
+            batch.append((pair, label, arrays))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+    finally:
+        if pool is not None:
+            for _, _, job in pending:
+                job.cancel()
+            pool.shutdown(wait=True)
     result.total_seconds = time.perf_counter() - start - result.warmup_seconds
     return result
 

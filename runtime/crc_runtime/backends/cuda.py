@@ -1,0 +1,243 @@
+"""A small checked layer over cuda-bindings' runtime API: every call goes through :func:`check`.
+
+Pinned host buffers, device buffers, streams, events and CUDA graphs are small classes that free what
+they own (``close()``, or when garbage-collected). Nothing here imports torch or pycuda; the module
+imports ``cuda.bindings`` lazily so the CPU runtime never needs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError
+
+log = logging.getLogger(__name__)
+
+_INSTALL = "install the GPU extra: pip install 'crc-fusion[trt]' (cuda-bindings)"
+
+
+def cudart() -> Any:
+    """The ``cuda.bindings.runtime`` module (older releases: ``cuda.cudart``).
+
+    Raises:
+        BackendError: cuda-bindings is not installed.
+    """
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.6 layout
+        except ImportError:
+            raise BackendError(f"cuda-bindings is not installed; {_INSTALL}") from None
+    return runtime
+
+
+def check(result: Any, what: str = "CUDA call") -> Any:
+    """Unpack a cuda-bindings result tuple ``(err, *values)``; raise on any error code.
+
+    Args:
+        result: What a cuda-bindings function returned.
+        what: The call, named in the error message.
+
+    Returns:
+        None, the single value, or a tuple of values.
+
+    Raises:
+        BackendError: The error code is not success; the message names the call and CUDA's own words.
+    """
+    if not isinstance(result, tuple):
+        result = (result,)
+    err, values = result[0], result[1:]
+    if int(err) != 0:
+        rt = cudart()
+        text = ""
+        try:
+            _, raw = rt.cudaGetErrorString(err)
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        except Exception:  # the error-to-text call itself may be what is broken
+            text = str(err)
+        raise BackendError(f"{what} failed: {getattr(err, 'name', err)} ({text})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def device_info(device: int = 0) -> dict:
+    """Name, compute capability, memory and driver / runtime versions of one CUDA device.
+
+    Raises:
+        BackendError: No usable CUDA device or driver.
+    """
+    rt = cudart()
+    count = check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    if count <= device:
+        raise BackendError(f"CUDA device {device} not found ({count} device(s) visible)")
+    prop = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    driver = check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion")
+    runtime = check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+    return {
+        "name": name.rstrip("\x00"),
+        "compute_capability": f"{prop.major}.{prop.minor}",
+        "memory_gib": round(prop.totalGlobalMem / 2**30, 1),
+        "cuda_driver": f"{driver // 1000}.{driver % 1000 // 10}",
+        "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
+    }
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(True, device name) when cuda-bindings sees a device, else (False, why not)."""
+    try:
+        info = device_info()
+    except BackendError as exc:
+        return False, str(exc)
+    return True, f"{info['name']} (sm {info['compute_capability']})"
+
+
+class Stream:
+    """One CUDA stream (non-blocking with respect to the legacy default stream)."""
+
+    def __init__(self) -> None:
+        rt = cudart()
+        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) is not None:
+            check(cudart().cudaStreamDestroy(self.handle), "cudaStreamDestroy")
+            self.handle = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver may already be gone
+            pass
+
+
+class Event:
+    """A CUDA event for timing work on a stream."""
+
+    def __init__(self) -> None:
+        self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        check(cudart().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    def elapsed_ms(self, start: Event) -> float:
+        """Milliseconds from ``start`` to this event (both recorded and completed)."""
+        return float(check(cudart().cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime"))
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) is not None:
+            check(cudart().cudaEventDestroy(self.handle), "cudaEventDestroy")
+            self.handle = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory, allocated once."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = int(nbytes)
+        self.ptr = check(cudart().cudaMalloc(max(self.nbytes, 1)), f"cudaMalloc({self.nbytes})")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None) is not None:
+            check(cudart().cudaFree(self.ptr), "cudaFree")
+            self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class PinnedBuffer:
+    """Page-locked host memory seen as a flat numpy array of ``dtype`` (so copies can be async)."""
+
+    def __init__(self, count: int, dtype: np.dtype | str) -> None:
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(count) * self.dtype.itemsize
+        self.ptr = check(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost({self.nbytes})")
+        raw = (ctypes.c_byte * self.nbytes).from_address(int(self.ptr))
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(count))
+
+    def view(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The first ``prod(shape)`` elements shaped as ``shape`` (no copy)."""
+        return self.array[: int(np.prod(shape))].reshape(shape)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None) is not None:
+            self.array = None
+            check(cudart().cudaFreeHost(self.ptr), "cudaFreeHost")
+            self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def copy_htod_async(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
+    """Host (pinned) -> device copy of ``nbytes`` on ``stream``."""
+    rt = cudart()
+    kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, kind, stream.handle), "cudaMemcpyAsync H2D")
+
+
+def copy_dtoh_async(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
+    """Device -> host (pinned) copy of ``nbytes`` on ``stream``."""
+    rt = cudart()
+    kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, kind, stream.handle), "cudaMemcpyAsync D2H")
+
+
+class Graph:
+    """A captured and instantiated CUDA graph: ``launch(stream)`` replays the captured work."""
+
+    def __init__(self, graph: Any, exec_handle: Any) -> None:
+        self._graph, self._exec = graph, exec_handle
+
+    @classmethod
+    def capture(cls, stream: Stream, work) -> Graph:
+        """Capture what ``work()`` enqueues on ``stream`` (nothing runs during capture)."""
+        rt = cudart()
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(rt.cudaStreamBeginCapture(stream.handle, mode), "cudaStreamBeginCapture")
+        try:
+            work()
+        finally:
+            graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        exec_handle = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        return cls(graph, exec_handle)
+
+    def launch(self, stream: Stream) -> None:
+        check(cudart().cudaGraphLaunch(self._exec, stream.handle), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        rt = cudart()
+        if getattr(self, "_exec", None) is not None:
+            check(rt.cudaGraphExecDestroy(self._exec), "cudaGraphExecDestroy")
+            self._exec = None
+        if getattr(self, "_graph", None) is not None:
+            check(rt.cudaGraphDestroy(self._graph), "cudaGraphDestroy")
+            self._graph = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,272 @@
+"""Native TensorRT backend: tensorrt + cuda-bindings, no torch, no pycuda.
+
+The engine is deserialized once; pinned host and device buffers are allocated once at the optimization
+profile's maximum batch; one stream; input shapes are set per batch and output shapes read back from
+the execution context; ``execute_async_v3`` runs on tensor addresses. H2D, compute and D2H are timed
+apart with CUDA events (:attr:`TrtBackend.last_timings`). With ``cuda_graphs=True`` the compute of each
+batch size is captured once as a CUDA graph and replayed. TensorRT 10 and 11 are told apart with
+``hasattr``, never by parsing version strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+from . import cuda
+from .base import TensorSpec, check_inputs
+
+log = logging.getLogger(__name__)
+
+_INSTALL = "install TensorRT for your CUDA version: pip install 'crc-fusion[trt]'"
+_REBUILD = "rebuild the engine on this machine (crc-export RUN --trt) or use --backend ort-cuda"
+
+# TensorRT DataType names -> numpy dtype names (BF16/FP8/INT4 have no numpy twin: refused).
+_TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or a one-line BackendError saying how to install it."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError(f"tensorrt is not installed; {_INSTALL}") from None
+    if not hasattr(trt, "Runtime"):  # the PyPI placeholder package has no runtime
+        raise BackendError(f"the installed 'tensorrt' package is a placeholder without a runtime; {_INSTALL}")
+    return trt
+
+
+def _release(version: str) -> tuple[str, ...]:
+    """``10.8.0.43`` -> ("10", "8", "0"): engines are tied to major.minor.patch."""
+    return tuple(str(version).split(".")[:3])
+
+
+def engine_mismatches(record: dict | None, device: dict, trt_version: str) -> list[str]:
+    """Why an engine built as ``record`` says cannot run on ``device`` with this TensorRT (empty: fine).
+
+    Args:
+        record: The artifact's ``engine`` entry (gpu_name, compute_capability, tensorrt_version).
+        device: :func:`crc_runtime.backends.cuda.device_info` of the device to run on.
+        trt_version: ``tensorrt.__version__`` here.
+    """
+    if not isinstance(record, dict):
+        return ["the manifest has no 'engine' record (gpu_name, compute_capability, tensorrt_version)"]
+    reasons = []
+    want_cc, want_gpu = record.get("compute_capability"), record.get("gpu_name")
+    want_trt = record.get("tensorrt_version")
+    if str(want_cc) != device["compute_capability"]:
+        reasons.append(f"built for compute capability {want_cc}, this GPU is {device['compute_capability']}")
+    if want_gpu != device["name"]:
+        reasons.append(f"built on {want_gpu!r}, this GPU is {device['name']!r}")
+    if want_trt is None or _release(want_trt) != _release(trt_version):
+        reasons.append(f"built with TensorRT {want_trt}, this is TensorRT {trt_version}")
+    return reasons
+
+
+def _free_batch(dims) -> tuple[int | None, ...]:
+    """An engine shape with its dynamic (-1) dimensions as None."""
+    return tuple(int(d) if int(d) >= 0 else None for d in dims)
+
+
+def _make_logger(trt):
+    class _Logger(trt.ILogger):
+        """Routes TensorRT's messages into Python logging."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg) -> None:
+            S = trt.ILogger.Severity
+            level = {S.INTERNAL_ERROR: logging.ERROR, S.ERROR: logging.ERROR, S.WARNING: logging.WARNING}
+            log.log(level.get(severity, logging.DEBUG), "TensorRT: %s", msg)
+
+    return _Logger()
+
+
+class TrtBackend:
+    """Run a serialized TensorRT engine.
+
+    Args:
+        engine_path: The ``.plan`` file.
+        record: The manifest's ``engine`` record; checked against this GPU and TensorRT first.
+        precision: Reported precision (``fp16`` for engines built from model.fp16.onnx).
+        cuda_graphs: Capture each batch size's compute once as a CUDA graph and replay it.
+        device: CUDA device ordinal.
+
+    Raises:
+        BackendError: tensorrt / cuda-bindings / a GPU missing, an engine for another GPU or TensorRT
+            release, or an engine TensorRT cannot deserialize; one line with what to do.
+    """
+
+    name = "trt"
+
+    def __init__(
+        self,
+        engine_path: str | os.PathLike,
+        record: dict | None,
+        precision: str = "fp16",
+        cuda_graphs: bool = False,
+        device: int = 0,
+    ) -> None:
+        self.engine_path = Path(engine_path)
+        trt = self._trt = import_tensorrt()
+        rt = cuda.cudart()
+        self.device_info = cuda.device_info(device)
+        reasons = engine_mismatches(record, self.device_info, trt.__version__)
+        if reasons:
+            raise BackendError(f"{self.engine_path}: cannot run here: {'; '.join(reasons)}; {_REBUILD}")
+        cuda.check(rt.cudaSetDevice(device), "cudaSetDevice")
+        self.precision, self.cuda_graphs = precision, cuda_graphs
+        self.device = "cuda"
+        self.version = f"TensorRT {trt.__version__}"
+        self._logger = _make_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"{self.engine_path}: TensorRT cannot deserialize this engine; {_REBUILD}")
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self._events = [cuda.Event() for _ in range(4)]
+        self._graphs: dict[tuple, cuda.Graph] = {}
+        self.last_timings: dict[str, float] = {}
+        self._setup_io()
+
+    def _dtype(self, name: str) -> str:
+        dtype = self.engine.get_tensor_dtype(name)
+        np_name = _TRT_DTYPES.get(getattr(dtype, "name", str(dtype)).upper())
+        if np_name is None:
+            raise BackendError(f"{self.engine_path}: tensor {name} has type {dtype}, which numpy cannot hold")
+        return np_name
+
+    def _setup_io(self) -> None:
+        trt, engine = self._trt, self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_specs, self.output_specs = [], []
+        self._host: dict[str, cuda.PinnedBuffer] = {}
+        self._dev: dict[str, cuda.DeviceBuffer] = {}
+        max_shapes = {}
+        for n in (n for n in names if is_input[n]):
+            shape = _free_batch(engine.get_tensor_shape(n))
+            min_shape, _, max_shape = engine.get_tensor_profile_shape(n, 0)
+            self.min_batch, self.max_batch = int(min_shape[0]), int(max_shape[0])
+            self.input_specs.append(
+                TensorSpec(n, self._dtype(n), tuple(d if d >= 0 else None for d in shape))
+            )
+            max_shapes[n] = tuple(int(d) for d in max_shape)
+            self.context.set_input_shape(n, max_shapes[n])
+        # Output sizes at the profile's maximum come from the context once every input shape is set.
+        for n in (n for n in names if not is_input[n]):
+            shape = tuple(engine.get_tensor_shape(n))
+            self.output_specs.append(
+                TensorSpec(n, self._dtype(n), tuple(d if d >= 0 else None for d in shape))
+            )
+            max_shapes[n] = tuple(int(d) for d in self.context.get_tensor_shape(n))
+        for spec in self.input_specs + self.output_specs:
+            count = int(np.prod(max_shapes[spec.name]))
+            self._host[spec.name] = cuda.PinnedBuffer(count, spec.dtype)
+            self._dev[spec.name] = cuda.DeviceBuffer(self._host[spec.name].nbytes)
+            # Addresses never change (buffers live as long as the backend), so CUDA graphs stay valid.
+            self.context.set_tensor_address(spec.name, int(self._dev[spec.name].ptr))
+        log.info(
+            "trt: %s on %s, batch %d..%d, inputs %s",
+            self.engine_path.name,
+            self.device_info["name"],
+            self.min_batch,
+            self.max_batch,
+            [s.describe() for s in self.input_specs],
+        )
+
+    def _enqueue(self) -> None:
+        if hasattr(self.context, "execute_async_v3"):  # TensorRT 10 and 11
+            ok = self.context.execute_async_v3(self.stream.handle)
+        else:  # pragma: no cover - TensorRT < 10 is not supported by the exporter either
+            raise BackendError(f"TensorRT {self._trt.__version__} has no execute_async_v3; {_INSTALL}")
+        if not ok:
+            raise BackendError(f"{self.engine_path}: TensorRT failed to enqueue the batch (see the log)")
+
+    def _compute(self, key: tuple) -> None:
+        if not self.cuda_graphs:
+            self._enqueue()
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            # TensorRT must enqueue once for a new shape before its work can be captured.
+            self._enqueue()
+            self.stream.synchronize()
+            graph = self._graphs[key] = cuda.Graph.capture(self.stream, self._enqueue)
+        graph.launch(self.stream)
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        e0, e1, e2, e3 = self._events
+        for spec in self.input_specs:
+            array = inputs[spec.name]
+            self._host[spec.name].view(array.shape)[...] = array
+            self.context.set_input_shape(spec.name, array.shape)
+        e0.record(self.stream)
+        for spec in self.input_specs:
+            nbytes = inputs[spec.name].nbytes
+            cuda.copy_htod_async(self._dev[spec.name], self._host[spec.name], nbytes, self.stream)
+        e1.record(self.stream)
+        self._compute(tuple(inputs[s.name].shape for s in self.input_specs))
+        e2.record(self.stream)
+        shapes = {s.name: tuple(self.context.get_tensor_shape(s.name)) for s in self.output_specs}
+        for spec in self.output_specs:
+            nbytes = int(np.prod(shapes[spec.name])) * np.dtype(spec.dtype).itemsize
+            cuda.copy_dtoh_async(self._host[spec.name], self._dev[spec.name], nbytes, self.stream)
+        e3.record(self.stream)
+        self.stream.synchronize()  # the one sync point per batch: outputs are complete after it
+        self.last_timings = {
+            "h2d_ms": e1.elapsed_ms(e0),
+            "compute_ms": e2.elapsed_ms(e1),
+            "d2h_ms": e3.elapsed_ms(e2),
+        }
+        return {s.name: self._host[s.name].view(shapes[s.name]).copy() for s in self.output_specs}
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch (split at the profile's maximum batch when larger); outputs by name."""
+        check_inputs(self.input_specs, inputs)
+        n = next(iter(inputs.values())).shape[0]
+        if n < self.min_batch:
+            raise BackendError(
+                f"{self.engine_path}: batch {n} is below the engine's minimum {self.min_batch}"
+            )
+        if n <= self.max_batch:
+            return self._run(inputs)
+        chunks = [
+            self._run({k: v[i : i + self.max_batch] for k, v in inputs.items()})
+            for i in range(0, n, self.max_batch)
+        ]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def close(self) -> None:
+        """Free graphs, buffers, events, the stream, then the context and the engine."""
+        for graph in getattr(self, "_graphs", {}).values():
+            graph.close()
+        self._graphs = {}
+        for buf in [*getattr(self, "_host", {}).values(), *getattr(self, "_dev", {}).values()]:
+            buf.close()
+        self._host, self._dev = {}, {}
+        for event in getattr(self, "_events", []):
+            event.close()
+        if getattr(self, "stream", None) is not None:
+            self.stream.close()
+        self.context = self.engine = None
+
+    def __enter__(self) -> TrtBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
