@@ -28,7 +28,14 @@ sys.meta_path.insert(0, _Block())
 
 
 def _crc_train(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "from crc_train.cli import main; main()", *args]
+    # The installed console script when it sits next to this interpreter (the venv), else the same main().
+    script = Path(sys.executable).parent / "crc-train"
+    launcher = (
+        [str(script)]
+        if script.is_file()
+        else [sys.executable, "-c", "from crc_train.cli import main; main()"]
+    )
+    cmd = [*launcher, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
