@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -180,6 +181,9 @@ def run_command(
     click.echo(f"pairs: {n} processed{resumed}, {len(result.skipped)} skipped (from {pairset.source})")
     for skip in result.skipped:
         click.echo(f"  skipped {skip.item}: {skip.reason}")
+    if result.skipped:
+        kinds = Counter(skip.kind for skip in result.skipped).most_common()
+        click.echo("skipped by reason: " + ", ".join(f"{kind} {count}" for kind, count in kinds))
     # Accuracy over the whole predictions file: this run's pairs plus the rows a resumed run kept.
     old = [row[-1] == "1" for row in writer.resumed_rows if row[-1] != ""]
     new = [p.predicted == p.label for p in result.predictions if p.label is not None]

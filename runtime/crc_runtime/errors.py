@@ -8,7 +8,19 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A problem with the user's input, files or environment, explained in one line."""
+    """A problem with the user's input, files or environment, explained in one line.
+
+    Args:
+        message: The line shown to the user: the file, what is wrong, what to do.
+        kind: A short category for the summary's "skipped by reason" counts (e.g. ``truncated``).
+    """
+
+    kind = "error"
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
 
 
 class BundleError(UserError):
@@ -17,6 +29,8 @@ class BundleError(UserError):
 
 class ImageError(UserError):
     """An image file that cannot be decoded or converted."""
+
+    kind = "bad image"
 
 
 class PairsError(UserError):

@@ -1,55 +1,176 @@
-"""Decode and resize images exactly as the bundle's resize rule says (Pillow, BILINEAR, uint8)."""
+"""Decode and resize images exactly as the bundle's resize rule says (Pillow, BILINEAR, uint8).
+
+What is converted and what is refused (README "Input formats"; each refusal is an :class:`ImageError`
+whose ``kind`` the run summary counts):
+
+- converted: EXIF orientation (applied first), 16-bit grayscale (``value >> 8``, the high byte),
+  alpha (composited over white for RGB inputs, black for L inputs), palette, CMYK (Pillow's formula,
+  no ICC profile), grayscale -> RGB (channel repeated), RGB -> L (ITU-R 601-2 luma), bilevel,
+  any size >= :data:`MIN_SIDE` and non-square images (the resize rule squashes them to S x S).
+- refused: empty or non-regular files, undecodable / truncated files, more than :data:`MAX_PIXELS`
+  declared pixels (decompression bombs, whole-slide images), a side below :data:`MIN_SIDE`, several
+  frames, 32-bit integer values above 65535, floating-point and other exotic modes.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import ImageError
 
 log = logging.getLogger(__name__)
 
 CHANNELS = {"RGB": 3, "L": 1}
+MAX_PIXELS = 8192 * 8192  # larger declared sizes are refused before any pixel is decoded
+MIN_SIDE = 8  # a smaller image holds no tissue or organ structure; upscaling it would invent one
+BACKGROUND = {"RGB": (255, 255, 255, 255), "L": (0, 0, 0, 255)}  # slide glass is white, CT air is black
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_VIA_RGB = ("CMYK", "YCbCr", "P")  # converted to RGB first (P: palette without transparency)
+
+# Our own MAX_PIXELS (below Pillow's) is always checked first; Pillow's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def load_image(path: str | os.PathLike, color_mode: str, size: int) -> np.ndarray:
+def check_regular_file(path: str | os.PathLike) -> os.stat_result:
+    """Stat ``path`` and refuse what cannot be an image file (missing, folder, FIFO, empty, unreadable).
+
+    Raises:
+        ImageError: One line naming the file and what it is instead.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found", "missing file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise ImageError(f"{path}: cannot read ({_why(exc)})", "unreadable") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{path}: is a folder, not an image file", "not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device)", "not a file")
+    if st.st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)", "empty file")
+    return st
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+def _decode(path: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """Open, check the declared size and frame count, decode, apply the EXIF orientation."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (Pillow owns it through the with-block below)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({_why(exc)})", "unreadable") from None
+    with fh:
+        try:
+            img = Image.open(fh)
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"{path}: refused, declared size too large ({exc})", "too large") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(
+                f"{path}: cannot decode as an image (no format Pillow knows)", "not an image"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 (corrupt headers raise many types inside Pillow)
+            raise ImageError(f"{path}: corrupt image header ({_why(exc)})", "corrupt") from None
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{path}: refused, {width}x{height} = {width * height:,} pixels is over the limit of "
+                    f"{max_pixels:,} (a decompression bomb or a whole-slide image; tile it first)",
+                    "too large",
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageError(
+                    f"{path}: refused, {width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} pixels",
+                    "too small",
+                )
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # MPO: a camera JPEG with a preview; frame 0 is it
+                raise ImageError(
+                    f"{path}: refused, {img.format} with {frames} frames; save the one image to use",
+                    "multi-frame",
+                )
+            try:
+                img.load()  # decode now so truncated files fail here, not later
+                return ImageOps.exif_transpose(img)  # a copy, independent of the file
+            except Exception as exc:  # noqa: BLE001 (truncated data raises OSError, ValueError, ...)
+                detail = _why(exc).replace(f" '{path}'", "").replace(str(path), "the file")
+                raise ImageError(f"{path}: truncated or corrupt ({detail})", "truncated") from None
+
+
+def _to_mode(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Image.Image:
+    """Apply the conversion policy of the module docstring."""
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img)
+        if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(
+                f"{path}: refused, 32-bit integer pixels outside 0..65535; save it as 8 or 16 bit",
+                "unsupported mode",
+            )
+        img = Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    if (img.mode == "P" and "transparency" in img.info) or img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, BACKGROUND[color_mode])
+        img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    elif img.mode in _VIA_RGB:
+        img = img.convert("RGB")
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode not in CHANNELS:
+        raise ImageError(
+            f"{path}: refused, pixel mode {img.mode} has no defined conversion to {color_mode}",
+            "unsupported mode",
+        )
+    # RGB -> L is Pillow's ITU-R 601-2 luma; L -> RGB repeats the channel.
+    return img if img.mode == color_mode else img.convert(color_mode)
+
+
+def load_image(
+    path: str | os.PathLike, color_mode: str, size: int, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Decode an image, convert it to ``color_mode`` and apply the resize rule.
 
     The rule (docs/bundle.md) reproduces MedMNIST's own downscaling bit-exactly: convert to uint8
     ``color_mode`` with Pillow, then, only if the result is not ``size`` x ``size``,
-    ``img.resize((size, size), Image.BILINEAR)``.
+    ``img.resize((size, size), Image.BILINEAR)``. Odd files are converted or refused as the module
+    docstring says.
 
     Args:
         path: The image file.
         color_mode: ``"RGB"`` (pathology) or ``"L"`` (radiology).
         size: S, the side of the model's square input.
+        max_pixels: Refuse images that declare more pixels than this.
 
     Returns:
         uint8 array ``[size, size, C]`` with C = 3 for RGB and 1 for L.
 
     Raises:
-        ImageError: The file is missing, not an image, truncated or cannot be converted.
+        ImageError: One line naming the file and what is wrong; ``kind`` is the summary's category.
     """
     if color_mode not in CHANNELS:
         raise ValueError(f"color_mode must be one of {sorted(CHANNELS)}, got {color_mode!r}")
+    check_regular_file(path)
+    img = _decode(path, max_pixels)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now so truncated files fail here, not later
-            # Simple, explicit policy: Pillow's own convert (e.g. RGBA drops alpha, L repeats to RGB).
-            converted = img if img.mode == color_mode else img.convert(color_mode)
-            if converted.size != (size, size):
-                converted = converted.resize((size, size), Image.Resampling.BILINEAR)
-            array = np.asarray(converted, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused, image too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        detail = str(exc).replace(f" '{path}'", "").replace(str(path), "the file")  # Pillow repeats the path
-        raise ImageError(f"{path}: cannot decode as an image ({detail})") from None
+        converted = _to_mode(img, color_mode, path)
+        if converted.size != (size, size):
+            converted = converted.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(converted, dtype=np.uint8)
+    except (OSError, ValueError) as exc:  # Pillow's "conversion not supported" and the like
+        raise ImageError(
+            f"{path}: cannot convert to {color_mode} ({_why(exc)})", "unsupported mode"
+        ) from None
     if array.ndim == 2:
         array = array[:, :, None]
     return np.ascontiguousarray(array)

@@ -1,10 +1,17 @@
-"""Find image pairs in an input folder: ``pairs.csv``, or ``pathology/`` + ``radiology/`` matched by stem."""
+"""Find image pairs in an input folder: ``pairs.csv``, or ``pathology/`` + ``radiology/`` matched by stem.
+
+Every row or file that cannot be used becomes a :class:`Skip` with a one-line reason and a short
+``kind`` (the summary counts skips by kind); the rest of the folder still runs. No path, whether from
+pairs.csv or a symlink, may lead outside the input folder.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +22,7 @@ log = logging.getLogger(__name__)
 PAIRS_CSV = "pairs.csv"
 MODALITIES = ("pathology", "radiology")
 REQUIRED_COLUMNS = ("id", "pathology", "radiology")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 @dataclass(frozen=True)
@@ -29,10 +37,11 @@ class Pair:
 
 @dataclass(frozen=True)
 class Skip:
-    """An item left out of the run, and why (one line)."""
+    """An item left out of the run, why (one line), and the kind of reason the summary counts."""
 
     item: str
     reason: str
+    kind: str = "other"
 
 
 @dataclass
@@ -44,102 +53,191 @@ class PairSet:
     source: str = ""
 
 
-def _inside(folder: Path, rel: str) -> Path | None:
-    """``folder / rel`` if it stays inside ``folder`` (after resolving ``..`` and links), else None."""
-    root = folder.resolve()
-    path = (folder / rel).resolve()
+class _Confined:
+    """Resolve paths (symlinks included) and tell whether they stay inside one root folder.
+
+    Parent folders are resolved once and cached, so 100k pairs.csv rows cost one lstat each.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.realpath(root)
+        self._dirs: dict[str, str] = {}
+
+    def real(self, path: str) -> str:
+        head, tail = os.path.split(path)
+        if tail in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_head = self._dirs.get(head)
+        if real_head is None:
+            real_head = self._dirs[head] = os.path.realpath(head)
+        full = os.path.join(real_head, tail)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+    def inside(self, real: str) -> bool:
+        return real.startswith(self.root + os.sep)
+
+
+def _check_file(confined: _Confined, path: str, shown: str) -> tuple[str, str] | None:
+    """None if ``path`` is a regular file inside the root, else (reason, kind)."""
     try:
-        path.relative_to(root)
-    except ValueError:
-        return None
-    return path
+        real = confined.real(path)
+        if not confined.inside(real):
+            return (
+                f"{shown} escapes the input folder (resolves to {real}); paths must stay inside it",
+                "outside folder",
+            )
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return f"{shown} not found", "missing file"
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte; OSError: name too long, loops, ...
+        return f"{shown} cannot be looked up ({exc})", "bad path"
+    if stat.S_ISDIR(mode):
+        return f"{shown} is a folder, not an image file", "not a file"
+    if not stat.S_ISREG(mode):
+        return f"{shown} is not a regular file (a FIFO, socket or device)", "not a file"
+    return None
+
+
+def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (stripped, lower case) and (line number, fields) of every non-blank row."""
+    try:
+        raw = csv_path.read_bytes()
+    except OSError as exc:
+        raise PairsError(f"{csv_path}: cannot read ({exc.strerror or exc})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PairsError(f"{csv_path}: UTF-16 text; save it as UTF-8 CSV")
+    # Undecodable bytes become lone surrogates, so one bad row is skipped, not the whole file.
+    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        header = next(reader, [])
+        for fields in reader:
+            if any(f.strip() for f in fields):  # blank lines and rows of empty fields are ignored
+                rows.append((reader.line_num, fields))
+    except csv.Error as exc:
+        raise PairsError(f"{csv_path} line {reader.line_num}: not a valid CSV ({exc})") from None
+    return [h.strip().lower() for h in header], rows
 
 
 def _from_csv(folder: Path, csv_path: Path) -> PairSet:
     result = PairSet(source=str(csv_path))
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-            if missing:
-                raise PairsError(
-                    f"{csv_path}: missing column(s) {', '.join(missing)} "
-                    f"(found: {', '.join(columns) or 'none'}); "
-                    "expected id,pathology,radiology[,label]"
-                )
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except UnicodeDecodeError as exc:
-        raise PairsError(f"{csv_path}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV") from None
-    except csv.Error as exc:
-        raise PairsError(f"{csv_path}: not a valid CSV ({exc})") from None
+    header, rows = _read_rows(csv_path)
+    shown_header = ", ".join(header) or "none"
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing or len(set(header)) != len(header):
+        what = f"missing column(s) {', '.join(missing)}" if missing else "repeated column names"
+        raise PairsError(
+            f"{csv_path}: {what} (found: {shown_header[:200]!r}); expected id,pathology,radiology[,label]"
+        )
+    extra = [c for c in header if c not in (*REQUIRED_COLUMNS, "label")]
+    if extra:
+        log.info("%s: ignoring extra column(s) %s", csv_path, ", ".join(extra))
+    index = {name: header.index(name) for name in (*REQUIRED_COLUMNS, "label") if name in header}
+    confined = _Confined(folder)
     seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
-        item = f"{csv_path.name} line {line}"
-        pair_id = row.get("id", "")
+    for line, fields in rows:
+        values = {k: (fields[i].strip() if i < len(fields) else "") for k, i in index.items()}
+        pair_id = values["id"]
+        item = f"{csv_path.name} line {line}" + (f" ({pair_id})" if pair_id else "")
+
+        def skip(reason: str, kind: str, item: str = item) -> None:
+            result.skipped.append(Skip(item, reason, kind))
+
+        bad = next((v for v in values.values() if any("\udc80" <= ch <= "\udcff" for ch in v)), None)
+        if bad is not None:
+            code = next(ord(ch) - 0xDC00 for ch in bad if "\udc80" <= ch <= "\udcff")
+            skip(f"not UTF-8 (byte 0x{code:02x}); save {PAIRS_CSV} as UTF-8", "bad row")
+            continue
         if not pair_id:
-            result.skipped.append(Skip(item, "empty id"))
+            skip("empty id", "bad row")
             continue
         if pair_id in seen:
-            result.skipped.append(Skip(item, f"duplicate id {pair_id!r}"))
+            skip(f"duplicate id {pair_id!r} (the first row with it is used)", "duplicate id")
             continue
         paths: dict[str, Path] = {}
         for modality in MODALITIES:
-            rel = row.get(modality, "")
-            path = _inside(folder, rel) if rel else None
+            rel = values[modality]
             if not rel:
-                reason = f"empty {modality} path"
-            elif path is None:
-                reason = f"{modality} path {rel!r} escapes {folder}; paths must stay inside the input folder"
-            elif not path.is_file():
-                reason = f"{modality} file {folder / rel} not found"
+                problem = (f"empty {modality} path", "bad row")
+            elif os.path.isabs(rel):
+                problem = (
+                    f"{modality} path {rel!r} is absolute; give it relative to {folder}",
+                    "outside folder",
+                )
             else:
-                paths[modality] = folder / rel
-                continue
-            result.skipped.append(Skip(f"{item} ({pair_id})", reason))
-            break
+                problem = _check_file(confined, os.path.join(folder, rel), f"{modality} file {rel!r}")
+            if problem:
+                skip(*problem)
+                break
+            paths[modality] = folder / rel
         else:
             seen.add(pair_id)
             result.pairs.append(
-                Pair(pair_id, paths["pathology"], paths["radiology"], row.get("label") or None)
+                Pair(pair_id, paths["pathology"], paths["radiology"], values.get("label") or None)
             )
     return result
 
 
-def _by_stem(directory: Path) -> tuple[dict[str, Path], list[Skip]]:
+def _scan(directory: Path, confined: _Confined) -> tuple[dict[str, Path], dict[str, list[str]], list[Skip]]:
+    """Image files of one modality folder by stem, stems by case-folded stem, and what was skipped."""
     found: dict[str, list[Path]] = {}
+    skips: list[Skip] = []
     for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):  # hidden files (.DS_Store, ._x.png) are ignored
             continue
-        found.setdefault(path.stem, []).append(path)
-    unique = {stem: paths[0] for stem, paths in found.items() if len(paths) == 1}
-    skips = [
-        Skip(
-            str(paths[0]),
-            f"ambiguous: {len(paths)} files share the stem {stem!r} ({', '.join(p.name for p in paths)})",
-        )
-        for stem, paths in found.items()
-        if len(paths) > 1
-    ]
-    return unique, skips
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            reason = f"not an image file name (expected {', '.join(IMAGE_SUFFIXES)})"
+            skips.append(Skip(str(path), reason, "not an image file"))
+            continue
+        problem = _check_file(confined, str(path), "the entry")
+        if problem:
+            skips.append(Skip(str(path), problem[0].removeprefix("the entry "), problem[1]))
+            continue
+        found.setdefault(path.stem.casefold(), []).append(path)
+    unique: dict[str, Path] = {}
+    by_fold: dict[str, list[str]] = {}
+    for paths in found.values():
+        if len(paths) == 1:
+            unique[paths[0].stem] = paths[0]
+            by_fold.setdefault(paths[0].stem.casefold(), []).append(paths[0].stem)
+        else:
+            names = ", ".join(p.name for p in paths)
+            skips.append(
+                Skip(
+                    str(directory / paths[0].stem),
+                    f"ambiguous id: {len(paths)} files differ only in case or extension ({names})",
+                    "ambiguous id",
+                )
+            )
+    return unique, by_fold, skips
 
 
 def _from_folders(folder: Path) -> PairSet:
     result = PairSet(source=f"{folder / 'pathology'} + {folder / 'radiology'}")
-    path_files, skips_p = _by_stem(folder / "pathology")
-    radio_files, skips_r = _by_stem(folder / "radiology")
-    result.skipped += skips_p + skips_r
-    for stem in sorted(path_files.keys() | radio_files.keys()):
-        if stem not in radio_files:
-            result.skipped.append(
-                Skip(str(path_files[stem]), f"no radiology partner named {stem}.* in radiology/")
+    confined = _Confined(folder)
+    scans = {m: _scan(folder / m, confined) for m in MODALITIES}
+    for modality in MODALITIES:
+        result.skipped += scans[modality][2]
+    files = {m: scans[m][0] for m in MODALITIES}
+    for stem in sorted(files["pathology"].keys() | files["radiology"].keys()):
+        if stem in files["pathology"] and stem in files["radiology"]:
+            result.pairs.append(Pair(stem, files["pathology"][stem], files["radiology"][stem]))
+            continue
+        have, lack = MODALITIES if stem in files["pathology"] else MODALITIES[::-1]
+        near = [s for s in scans[lack][1].get(stem.casefold(), []) if s != stem]
+        hint = (
+            f" ({lack}/{files[lack][near[0]].name} differs only in case; ids are case-sensitive)"
+            if near
+            else ""
+        )
+        result.skipped.append(
+            Skip(
+                str(files[have][stem]),
+                f"no {lack} partner named {stem}.* in {lack}/{hint}",
+                "missing partner",
             )
-        elif stem not in path_files:
-            result.skipped.append(
-                Skip(str(radio_files[stem]), f"no pathology partner named {stem}.* in pathology/")
-            )
-        else:
-            result.pairs.append(Pair(stem, path_files[stem], radio_files[stem]))
+        )
     return result
 
 
@@ -147,8 +245,8 @@ def discover_pairs(folder: str | os.PathLike) -> PairSet:
     """Find the pairs in ``folder``.
 
     ``FOLDER/pairs.csv`` (columns id, pathology, radiology, optional label; paths relative to the
-    folder) wins when present; otherwise files in ``FOLDER/pathology/`` and ``FOLDER/radiology/`` are
-    paired by file stem. Rows or files that cannot be used are skipped with a reason.
+    folder) wins when present; otherwise image files in ``FOLDER/pathology/`` and ``FOLDER/radiology/``
+    are paired by file stem. Rows or files that cannot be used are skipped with a reason.
 
     Raises:
         PairsError: The folder does not exist, has neither layout, or yields no pairs at all.
@@ -157,10 +255,18 @@ def discover_pairs(folder: str | os.PathLike) -> PairSet:
     if not folder.is_dir():
         raise PairsError(f"{folder}: not a folder; pass a folder with pairs.csv or pathology/ + radiology/")
     csv_path = folder / PAIRS_CSV
-    if csv_path.is_file():
+    present = [m for m in MODALITIES if (folder / m).is_dir()]
+    if csv_path.exists():
+        if not _Confined(folder).inside(os.path.realpath(csv_path)) or not csv_path.is_file():
+            raise PairsError(f"{csv_path}: not a regular file inside {folder}; replace it by the CSV itself")
         result = _from_csv(folder, csv_path)
-    elif all((folder / m).is_dir() for m in MODALITIES):
+    elif len(present) == 2:
         result = _from_folders(folder)
+    elif present:
+        lack = MODALITIES[1 - MODALITIES.index(present[0])]
+        raise PairsError(
+            f"{folder}: found {present[0]}/ but no {lack}/ folder; every pair needs both modalities"
+        )
     else:
         raise PairsError(
             f"{folder}: expected {PAIRS_CSV} or both pathology/ and radiology/ subfolders; found neither"

@@ -223,7 +223,7 @@ def run_inference(
             try:
                 label = resolve_label(pair.label, bundle.classes)
             except ValueError as exc:
-                result.skipped.append(Skip(pair.id, str(exc)))
+                result.skipped.append(Skip(pair.id, str(exc), "unknown label"))
                 continue
             job = pool.submit(_decode, pair, plan, bundle.image_size) if pool else None
             pending.append((pair, label, job))
@@ -236,7 +236,7 @@ def run_inference(
             try:
                 arrays = job.result() if job is not None else _decode(pair, plan, bundle.image_size)
             except (ImageError, ValueError) as exc:
-                result.skipped.append(Skip(pair.id, str(exc)))
+                result.skipped.append(Skip(pair.id, str(exc), getattr(exc, "kind", "bad image")))
                 continue
             finally:
                 result.decode_wait_seconds += time.perf_counter() - t_wait
