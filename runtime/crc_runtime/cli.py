@@ -186,9 +186,9 @@ def run_command(
         click.echo("skipped by reason: " + ", ".join(f"{kind} {count}" for kind, count in kinds))
     # Accuracy over the whole predictions file: this run's pairs plus the rows a resumed run kept.
     old = [row[-1] == "1" for row in writer.resumed_rows if row[-1] != ""]
-    new = [p.predicted == p.label for p in result.predictions if p.label is not None]
-    if old or new:
-        click.echo(f"accuracy: {sum(old + new) / len(old + new):.2%} on {len(old + new)} labelled pairs")
+    labelled, correct = len(old) + result.labelled, sum(old) + result.correct
+    if labelled:
+        click.echo(f"accuracy: {correct / labelled:.2%} on {labelled} labelled pairs")
     click.echo(
         f"throughput: {throughput(n, result.total_seconds):.1f} pairs/s end-to-end "
         f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
