@@ -33,8 +33,22 @@ BACKGROUND = {"RGB": (255, 255, 255, 255), "L": (0, 0, 0, 255)}  # slide glass i
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _VIA_RGB = ("CMYK", "YCbCr", "P")  # converted to RGB first (P: palette without transparency)
 
+# File signatures, so a file cut inside its header is called truncated rather than "not an image".
+_MAGIC = {
+    b"\x89PNG": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"RIFF": "WebP",
+}
+
 # Our own MAX_PIXELS (below Pillow's) is always checked first; Pillow's warning would only repeat it.
+# Pillow's other warnings (corrupt EXIF, palette transparency) would print extra lines around our one
+# line per file: the file either decodes completely or is refused with the reason.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
 
 
 def check_regular_file(path: str | os.PathLike) -> os.stat_result:
@@ -76,11 +90,17 @@ def _decode(path: str | os.PathLike, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise ImageError(f"{path}: refused, declared size too large ({exc})", "too large") from None
         except Image.UnidentifiedImageError:
+            fh.seek(0)
+            head = fh.read(4)
+            fmt = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+            if fmt:
+                why = f"{path}: starts like a {fmt} file but its header is truncated or corrupt"
+                raise ImageError(why, "truncated or corrupt") from None
             raise ImageError(
                 f"{path}: cannot decode as an image (no format Pillow knows)", "not an image"
             ) from None
         except Exception as exc:  # noqa: BLE001 (corrupt headers raise many types inside Pillow)
-            raise ImageError(f"{path}: corrupt image header ({_why(exc)})", "corrupt") from None
+            raise ImageError(f"{path}: corrupt image header ({_why(exc)})", "truncated or corrupt") from None
         with img:
             width, height = img.size
             if width * height > max_pixels:
@@ -105,7 +125,7 @@ def _decode(path: str | os.PathLike, max_pixels: int) -> Image.Image:
                 return ImageOps.exif_transpose(img)  # a copy, independent of the file
             except Exception as exc:  # noqa: BLE001 (truncated data raises OSError, ValueError, ...)
                 detail = _why(exc).replace(f" '{path}'", "").replace(str(path), "the file")
-                raise ImageError(f"{path}: truncated or corrupt ({detail})", "truncated") from None
+                raise ImageError(f"{path}: truncated or corrupt ({detail})", "truncated or corrupt") from None
 
 
 def _to_mode(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Image.Image:

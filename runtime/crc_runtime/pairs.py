@@ -226,18 +226,16 @@ def _from_folders(folder: Path) -> PairSet:
             continue
         have, lack = MODALITIES if stem in files["pathology"] else MODALITIES[::-1]
         near = [s for s in scans[lack][1].get(stem.casefold(), []) if s != stem]
-        hint = (
-            f" ({lack}/{files[lack][near[0]].name} differs only in case; ids are case-sensitive)"
-            if near
-            else ""
-        )
-        result.skipped.append(
-            Skip(
-                str(files[have][stem]),
-                f"no {lack} partner named {stem}.* in {lack}/{hint}",
-                "missing partner",
-            )
-        )
+        refused = [Path(k.item).name for k in scans[lack][2] if Path(k.item).stem == stem]
+        if refused:
+            reason = f"its {lack} partner {refused[0]} was skipped (see its line)"
+        elif near:
+            name = files[lack][near[0]].name
+            reason = f"no {lack} partner named {stem}.* ({lack}/{name} differs only in case;"
+            reason += " ids are case-sensitive)"
+        else:
+            reason = f"no {lack} partner named {stem}.* in {lack}/"
+        result.skipped.append(Skip(str(files[have][stem]), reason, "missing partner"))
     return result
 
 
