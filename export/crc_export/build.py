@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
-from crc_runtime.backends.onnxruntime import OrtBackend
 from crc_runtime.bundle import SCHEMA_VERSION, sha256_file, write_manifest
 from crc_runtime.errors import UserError
-from crc_runtime.validate import DEFAULT_THRESHOLDS, compare_logits, gate
+from crc_runtime.validate import DEFAULT_THRESHOLDS
 
+from .fp16 import FP16_FILE, export_fp16_onnx, precision_summary
 from .onnx import DEFAULT_OPSET, check_onnx, export_onnx
+from .parity import onnx_artifact, parity_entry
 from .reference import build_reference, write_reference
+from .tensorrt import TrtConfig, build_engine, engine_logits, require_tensorrt
+from .triton import DEFAULT_MODEL_NAME, check_model_name, check_repository_target, write_triton_repository
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,16 @@ class ExportConfig:
     exporter: str = "dynamo"  # "dynamo" (torch.export) or "torchscript" (legacy tracer)
     opset: int = DEFAULT_OPSET  # ONNX opset, >= 17
     batch_size: int = 64  # batch size for the reference logits and the parity run
-    overwrite: bool = False  # replace an existing bundle folder
+    overwrite: bool = False  # replace an existing bundle folder (and an existing Triton repository)
     thresholds: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_THRESHOLDS)))
+    fp16: bool = True  # also write model.fp16.onnx (needed by --trt)
+    fp16_device: str = (
+        "auto"  # onnxruntime device for the FP16 parity run: auto (CUDA when present), cpu, cuda
+    )
+    trt: TrtConfig | None = None  # build a TensorRT engine from model.fp16.onnx with these settings
+    triton: Path | None = None  # write a Triton model repository here
+    triton_model_name: str = DEFAULT_MODEL_NAME  # prefix of the Triton model names
+    triton_max_batch: int | None = None  # Triton max_batch_size (default: the engine profile's max batch)
 
 
 @dataclass
@@ -63,8 +72,13 @@ def _git_commit() -> str | None:
     """The commit of the crc-fusion checkout that produced the bundle, when it is a git checkout."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -89,25 +103,49 @@ def _load_run(run_dir: Path):
     return config, ckpt, model_from_checkpoint(ckpt)
 
 
-def _parity_entry(backend_name: str, ref: dict[str, np.ndarray], logits: np.ndarray, precision: str,
-                  thresholds: dict) -> dict:
-    metrics = compare_logits(ref["logits"], ref["labels"], logits)
-    passed, reasons = gate(metrics, precision, thresholds.get(precision))
-    return {"backend": backend_name, **metrics, "passed": passed, "reasons": reasons,
-            "thresholds": thresholds.get(precision)}
+def _engine_artifact(
+    fp16_path: Path, work: Path, image_size: int, ref: dict, cfg: ExportConfig, previous: Path | None
+) -> dict:
+    """Build the TensorRT engine from the FP16 ONNX and gate it with the runtime's TensorRT backend."""
+    shapes = {"pathology": (image_size, image_size, 3), "radiology": (image_size, image_size, 1)}
+    built = build_engine(fp16_path, work, shapes, cfg.trt, previous_dir=previous)
+    art = {
+        "file": built["file"],
+        "kind": "tensorrt",
+        "precision": "fp16",
+        "engine": built["engine"],
+        "timing_cache": built["timing_cache"],
+    }
+    logits, skipped = engine_logits(work / built["file"], built["engine"], ref, cfg.batch_size)
+    if skipped is not None:
+        # Not verified is not usable; it does not fail the export, which built what was asked.
+        log.warning("%s: %s", built["file"], skipped)
+        art.update(usable=False, parity={"backend": "trt", "passed": None, "reasons": [skipped]})
+    else:
+        parity = parity_entry("trt", ref, logits, "fp16", cfg.thresholds)
+        art.update(usable=parity["passed"], parity=parity)
+    return art
 
 
-def run_onnx(model_path: Path, ref: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
-    """Logits of an ONNX file on onnxruntime's CPU provider, batch by batch."""
-    backend = OrtBackend(model_path, device="cpu")
-    try:
-        chunks = []
-        for start in range(0, len(ref["labels"]), batch_size):
-            batch = {name: ref[name][start : start + batch_size] for name in ("pathology", "radiology")}
-            chunks.append(backend.infer(batch)["logits"])
-    finally:
-        backend.close()
-    return np.concatenate(chunks)
+def _preflight(bundle: Path, cfg: ExportConfig) -> None:
+    """Refuse impossible requests before the minutes of export work."""
+    if bundle.exists() and any(bundle.iterdir()) and not cfg.overwrite:
+        raise UserError(f"{bundle}: exists and is not empty; pass --overwrite to replace it")
+    if cfg.trt is not None:
+        if not cfg.fp16:
+            raise UserError("--trt builds the engine from model.fp16.onnx; drop --no-fp16")
+        cfg.trt.validate()
+        require_tensorrt()
+    if cfg.triton is not None:
+        check_model_name(cfg.triton_model_name)
+        check_repository_target(Path(cfg.triton), cfg.overwrite)
+        if Path(cfg.triton).resolve() == bundle.resolve():
+            raise UserError(f"{cfg.triton}: the Triton repository must be another folder than the bundle")
+        if cfg.trt is not None and (cfg.triton_max_batch or 0) > cfg.trt.max_batch:
+            raise UserError(
+                f"--triton-max-batch {cfg.triton_max_batch} is above the engine's --max-batch "
+                f"{cfg.trt.max_batch}; Triton would refuse the TensorRT model"
+            )
 
 
 def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult:
@@ -115,8 +153,7 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     from crc_train.data import DataConfig, load_split
 
     run_dir, bundle = Path(run_dir), Path(bundle)
-    if bundle.exists() and any(bundle.iterdir()) and not cfg.overwrite:
-        raise UserError(f"{bundle}: exists and is not empty; pass --overwrite to replace it")
+    _preflight(bundle, cfg)
     config, ckpt, model = _load_run(run_dir)
     data_cfg = DataConfig(**config["data"])
     if cfg.data_root is not None:
@@ -130,22 +167,59 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     os.umask(umask)
     work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished bundle gets normal permissions
     try:
-        onnx_path = export_onnx(model, work / "model.onnx", image_size, exporter=cfg.exporter, opset=cfg.opset)
+        onnx_path = export_onnx(
+            model, work / "model.onnx", image_size, exporter=cfg.exporter, opset=cfg.opset
+        )
         check_onnx(onnx_path)
         ref = build_reference(model, test, cfg.parity_pairs, cfg.batch_size)
         write_reference(work / "reference.npz", ref)
 
-        parity = _parity_entry("ort-cpu", ref, run_onnx(onnx_path, ref, cfg.batch_size), "fp32", cfg.thresholds)
-        artifacts = [{"file": "model.onnx", "kind": "onnx", "precision": "fp32", "usable": parity["passed"],
-                      "parity": parity}]
-        manifest = _manifest(ckpt, config, run_dir, ref, artifacts, image_size,
-                             files={name: sha256_file(work / name) for name in ("model.onnx", "reference.npz")})
+        artifacts = [onnx_artifact(onnx_path, "fp32", ref, cfg.thresholds, cfg.batch_size)]
+        if cfg.fp16:
+            fp16_path = export_fp16_onnx(
+                model, work / FP16_FILE, image_size, exporter=cfg.exporter, opset=cfg.opset
+            )
+            check_onnx(fp16_path)
+            artifacts.append(
+                onnx_artifact(fp16_path, "fp16", ref, cfg.thresholds, cfg.batch_size, device=cfg.fp16_device)
+            )
+            artifacts[-1]["graph"] = precision_summary(fp16_path)
+        if cfg.trt is not None:
+            previous = bundle if bundle.is_dir() else None
+            artifacts.append(_engine_artifact(fp16_path, work, image_size, ref, cfg, previous))
+        names = [
+            "reference.npz",
+            *(a["file"] for a in artifacts),
+            *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
+        ]
+        manifest = _manifest(
+            ckpt,
+            config,
+            run_dir,
+            ref,
+            artifacts,
+            image_size,
+            files={name: sha256_file(work / name) for name in names},
+        )
         write_manifest(work, manifest)
         _replace_dir(work, bundle)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    passed = all(a["usable"] for a in artifacts)
+    # An artifact whose parity could not be run (no TensorRT backend) is unusable but not a failure.
+    passed = all(a["parity"]["passed"] is not False for a in artifacts)
+    if cfg.triton is not None:
+        max_batch = cfg.triton_max_batch or (
+            cfg.trt.max_batch if cfg.trt is not None else TrtConfig.max_batch
+        )
+        write_triton_repository(
+            bundle,
+            Path(cfg.triton),
+            manifest,
+            model_name=cfg.triton_model_name,
+            max_batch_size=max_batch,
+            overwrite=cfg.overwrite,
+        )
     return ExportResult(bundle=bundle, manifest=manifest, passed=passed)
 
 
@@ -160,27 +234,56 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _manifest(ckpt: dict, config: dict, run_dir: Path, ref: dict, artifacts: list[dict], image_size: int,
-              files: dict[str, str]) -> dict:
+def _manifest(
+    ckpt: dict,
+    config: dict,
+    run_dir: Path,
+    ref: dict,
+    artifacts: list[dict],
+    image_size: int,
+    files: dict[str, str],
+) -> dict:
     classes = list(ckpt["classes"])
     model_cfg = ckpt["model_config"]
     labels, logits = ref["labels"], ref["logits"]
     return {
         "schema_version": SCHEMA_VERSION,
-        "model": {"architecture": "dual-resnet", "backbone": model_cfg.get("backbone"),
-                  "fusion": model_cfg.get("fusion"), "image_size": image_size},
+        "model": {
+            "architecture": "dual-resnet",
+            "backbone": model_cfg.get("backbone"),
+            "fusion": model_cfg.get("fusion"),
+            "image_size": image_size,
+        },
         "classes": classes,
         "inputs": [
-            {"name": "pathology", "dtype": "uint8", "shape": ["batch", image_size, image_size, 3], "color_mode": "RGB"},
-            {"name": "radiology", "dtype": "uint8", "shape": ["batch", image_size, image_size, 1], "color_mode": "L"},
+            {
+                "name": "pathology",
+                "dtype": "uint8",
+                "shape": ["batch", image_size, image_size, 3],
+                "color_mode": "RGB",
+            },
+            {
+                "name": "radiology",
+                "dtype": "uint8",
+                "shape": ["batch", image_size, image_size, 1],
+                "color_mode": "L",
+            },
         ],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(classes)]}],
-        "resize": {"library": "Pillow", "filter": "BILINEAR", "size": [image_size, image_size],
-                   "when": "the decoded image is not already size x size"},
+        "resize": {
+            "library": "Pillow",
+            "filter": "BILINEAR",
+            "size": [image_size, image_size],
+            "when": "the decoded image is not already size x size",
+        },
         "files": files,
         "artifacts": artifacts,
-        "reference": {"file": "reference.npz", "pairs": int(len(labels)), "split": "test",
-                      "accuracy": float((logits.argmax(1) == labels).mean())},
+        "reference": {
+            "file": "reference.npz",
+            "pairs": int(len(labels)),
+            "split": "test",
+            "accuracy": float((logits.argmax(1) == labels).mean()),
+        },
         "provenance": {
             "run_id": ckpt.get("run_id") or config.get("run_id"),
             "run_dir": str(run_dir.resolve()),

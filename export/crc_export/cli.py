@@ -13,44 +13,235 @@ EXTRA_HINT = "crc-export needs the export extra: pip install 'crc-fusion[export]
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "onnx", "onnxscript", "onnxruntime")
 
 
+THRESHOLD_KEYS = (
+    "min_top1_agreement",
+    "max_abs_diff",
+    "max_mean_abs_diff",
+    "max_accuracy_delta",
+    "min_cosine",
+)
+
+
+def _threshold_override(ctx, param, values):
+    """``--threshold fp16.max_abs_diff=0.05`` -> [("fp16", "max_abs_diff", 0.05)]."""
+    parsed = []
+    for text in values:
+        key, sep, value = text.partition("=")
+        precision, dot, name = key.partition(".")
+        if not (sep and dot) or precision not in ("fp32", "fp16") or name not in THRESHOLD_KEYS:
+            raise click.BadParameter(
+                f"{text!r}: expected PRECISION.KEY=VALUE with PRECISION fp32 or fp16 and KEY one of "
+                f"{', '.join(THRESHOLD_KEYS)}"
+            )
+        try:
+            parsed.append((precision, name, float(value)))
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: {value!r} is not a number") from None
+    return parsed
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "bundle", required=True, type=click.Path(path_type=Path),
-              help="Bundle folder to write (created; written to a temporary folder and renamed when complete).")
-@click.option("--parity-pairs", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Test pairs kept in reference.npz and used by the parity gate.")
-@click.option("--data-root", default=None, help="Data folder, if it moved since training (overrides config.json).")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-              help="torch.onnx exporter.")
+@click.option(
+    "-o",
+    "--output",
+    "bundle",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder to write (created; written to a temporary folder and renamed when complete).",
+)
+@click.option(
+    "--parity-pairs",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Test pairs kept in reference.npz and used by the parity gate.",
+)
+@click.option(
+    "--data-root", default=None, help="Data folder, if it moved since training (overrides config.json)."
+)
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    default="dynamo",
+    show_default=True,
+    help="torch.onnx exporter.",
+)
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=17), help="ONNX opset.")
-@click.option("--fp32-max-abs-diff", default=1e-3, show_default=True, type=float,
-              help="Parity gate: largest allowed |logit difference| for FP32 artifacts.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+@click.option(
+    "--fp16/--no-fp16",
+    default=True,
+    show_default=True,
+    help="Write model.fp16.onnx (FP16 backbones; attention, softmax, normalisation, pooling, head FP32).",
+)
+@click.option(
+    "--fp16-device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime device for the FP16 parity run (auto: CUDA when onnxruntime-gpu sees a GPU).",
+)
+@click.option(
+    "--fp32-max-abs-diff",
+    default=1e-3,
+    show_default=True,
+    type=float,
+    help="Parity gate: largest allowed |logit difference| for FP32 artifacts.",
+)
+@click.option(
+    "--fp16-min-agreement",
+    default=0.995,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Parity gate: smallest top-1 agreement with PyTorch for FP16 artifacts (ONNX and engine).",
+)
+@click.option(
+    "--fp16-max-accuracy-delta",
+    default=0.005,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Parity gate: largest |accuracy - PyTorch accuracy| for FP16 artifacts (0.005 = 0.5 pt).",
+)
+@click.option(
+    "--threshold",
+    "threshold_overrides",
+    multiple=True,
+    callback=_threshold_override,
+    metavar="PRECISION.KEY=VALUE",
+    help=f"Any other parity threshold, repeatable; KEY: {', '.join(THRESHOLD_KEYS)}.",
+)
+@click.option(
+    "--trt", is_flag=True, help="Also build a TensorRT engine from model.fp16.onnx (needs [trt] and a GPU)."
+)
+@click.option(
+    "--min-batch",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="TensorRT profile: smallest batch.",
+)
+@click.option(
+    "--opt-batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="TensorRT profile: batch the kernels are tuned for.",
+)
+@click.option(
+    "--max-batch",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="TensorRT profile: largest batch (also Triton's max_batch_size).",
+)
+@click.option(
+    "--workspace",
+    "workspace_mib",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="TensorRT workspace memory limit in MiB.",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="TensorRT timing cache to start from (default: the one in the bundle being replaced).",
+)
+@click.option(
+    "--gpu",
+    "gpu_device",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="CUDA device ordinal the engine is built on.",
+)
+@click.option(
+    "--triton",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also write a Triton Inference Server model repository to this folder.",
+)
+@click.option(
+    "--triton-model-name",
+    default="crc_fusion",
+    show_default=True,
+    help="Prefix of the Triton model names (<name>_onnx, <name>_fp16_onnx, <name>_trt).",
+)
+@click.option(
+    "--triton-max-batch",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Triton max_batch_size (default: --max-batch).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder (and Triton repository).")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress.")
-def export_command(run_dir, bundle, parity_pairs, data_root, exporter, opset, fp32_max_abs_diff, overwrite, verbose):
-    """Export RUN_DIR (a crc-train run) as a bundle: model.onnx, reference.npz and manifest.json."""
+def export_command(run_dir, bundle, verbose, **opts):
+    """Export RUN_DIR (a crc-train run) as a bundle: model.onnx, model.fp16.onnx, reference.npz, manifest.
+
+    Every artifact is gated on parity with PyTorch's FP32 logits on reference.npz; one that fails is
+    marked unusable in manifest.json (the runtime refuses it) and the command ends with FAILED.
+    """
     from crc_runtime.errors import UserError as RuntimeUserError
     from crc_runtime.validate import format_parity_table
     from crc_train.errors import UserError as TrainUserError
 
     from .build import ExportConfig, build_bundle
+    from .tensorrt import TrtConfig
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = ExportConfig(parity_pairs=parity_pairs, data_root=data_root, exporter=exporter, opset=opset,
-                       overwrite=overwrite)
-    cfg.thresholds["fp32"]["max_abs_diff"] = fp32_max_abs_diff
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    trt = None
+    if opts["trt"]:
+        trt = TrtConfig(
+            min_batch=opts["min_batch"],
+            opt_batch=opts["opt_batch"],
+            max_batch=opts["max_batch"],
+            workspace_mib=opts["workspace_mib"],
+            device=opts["gpu_device"],
+            timing_cache=opts["timing_cache"],
+        )
+    cfg = ExportConfig(
+        parity_pairs=opts["parity_pairs"],
+        data_root=opts["data_root"],
+        exporter=opts["exporter"],
+        opset=opts["opset"],
+        overwrite=opts["overwrite"],
+        fp16=opts["fp16"],
+        fp16_device=opts["fp16_device"],
+        trt=trt,
+        triton=opts["triton"],
+        triton_model_name=opts["triton_model_name"],
+        triton_max_batch=opts["triton_max_batch"] or opts["max_batch"],
+    )
+    cfg.thresholds["fp32"]["max_abs_diff"] = opts["fp32_max_abs_diff"]
+    cfg.thresholds["fp16"]["min_top1_agreement"] = opts["fp16_min_agreement"]
+    cfg.thresholds["fp16"]["max_accuracy_delta"] = opts["fp16_max_accuracy_delta"]
+    for precision, key, value in opts["threshold_overrides"]:
+        cfg.thresholds[precision][key] = value
     try:
         result = build_bundle(run_dir, bundle, cfg)
     except (RuntimeUserError, TrainUserError) as exc:
+        for line in getattr(exc, "details", []):  # e.g. TensorRT parser errors, one per line
+            click.echo(f"error: {line}", err=True)
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    rows = [{"artifact": a["file"], "precision": a["precision"], **a["parity"]} for a in result.manifest["artifacts"]]
+    rows = [
+        {"artifact": a["file"], "precision": a["precision"], **a["parity"]}
+        for a in result.manifest["artifacts"]
+    ]
     click.echo(format_parity_table(rows))
     click.echo(f"bundle: {result.bundle}")
+    if cfg.triton is not None:
+        click.echo(f"triton repository: {cfg.triton}")
     if result.passed:
         click.echo("PASSED")
     else:
-        click.echo("FAILED: an artifact did not match PyTorch; it is marked unusable in manifest.json", err=True)
+        failed = [a["file"] for a in result.manifest["artifacts"] if a["parity"].get("passed") is False]
+        click.echo(
+            f"FAILED: {', '.join(failed)} did not match PyTorch; marked unusable in manifest.json", err=True
+        )
         sys.exit(1)
 
 

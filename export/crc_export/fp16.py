@@ -119,14 +119,14 @@ def _elem_types(model) -> dict[str, int]:
     return types
 
 
-def precision_summary(path: str | Path) -> dict[str, int]:
+def precision_summary(path: str | Path) -> dict[str, int | str]:
     """Count what runs in which precision in an ONNX file.
 
     Returns:
         fp16_initializers, fp32_initializers, casts_to_fp16, casts_to_fp32, conv_total, conv_fp16
         (Conv nodes whose weight is FP16), softmax_total, softmax_fp32 (Softmax nodes on FP32 input),
-        and the input/output element types (``input_pathology``, ``output_logits`` ... as ONNX
-        ``TensorProto`` enum values).
+        and the input/output element types (``input_pathology``: ``"UINT8"``, ``output_logits``:
+        ``"FLOAT"`` ...).
     """
     import onnx
 
@@ -156,8 +156,9 @@ def precision_summary(path: str | Path) -> dict[str, int]:
         "softmax_total": softmaxes,
         "softmax_fp32": softmax_fp32,
     }
-    for value in model.graph.input:
-        summary[f"input_{value.name}"] = value.type.tensor_type.elem_type
-    for value in model.graph.output:
-        summary[f"output_{value.name}"] = value.type.tensor_type.elem_type
+    for prefix, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            summary[f"{prefix}_{value.name}"] = onnx.TensorProto.DataType.Name(
+                value.type.tensor_type.elem_type
+            )
     return summary

@@ -21,3 +21,23 @@ def tiny_run(tmp_path_factory):
     )
     train(cfg)
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def full_bundle(tiny_run, tmp_path_factory):
+    """``crc-export`` run through its CLI with the default artifacts (FP32 + FP16 ONNX) and ``--triton``.
+
+    ``--threshold fp16.min_cosine=0.99`` proves a generic override reaches the manifest.
+
+    Returns:
+        (bundle folder, Triton repository folder, the CLI's output).
+    """
+    from click.testing import CliRunner
+    from crc_export.cli import export_command
+
+    root = tmp_path_factory.mktemp("full-bundle")
+    bundle, triton = root / "bundle", root / "triton"
+    args = [str(tiny_run), "-o", str(bundle), "--parity-pairs", "32", "--triton", str(triton)]
+    result = CliRunner().invoke(export_command, [*args, "--threshold", "fp16.min_cosine=0.99"])
+    assert result.exit_code == 0, result.output
+    return bundle, triton, result.output

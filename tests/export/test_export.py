@@ -21,7 +21,7 @@ from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
 @pytest.fixture(scope="module")
 def bundle(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24))
+    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24, fp16=False))
     assert result.passed
     return out
 
@@ -95,7 +95,7 @@ def test_gate_fails_on_a_damaged_model(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "export_onnx", export_then_damage)
     out = tmp_path / "damaged"
-    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24))
+    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24, fp16=False))
     assert not result.passed
     (artifact,) = result.manifest["artifacts"]
     assert artifact["usable"] is False
