@@ -116,7 +116,15 @@ def _engine_artifact(
         "engine": built["engine"],
         "timing_cache": built["timing_cache"],
     }
-    logits, skipped = engine_logits(work / built["file"], built["engine"], ref, cfg.batch_size)
+    try:
+        logits, skipped = engine_logits(
+            work / built["file"], built["engine"], ref, cfg.batch_size, cfg.trt.device
+        )
+    except UserError as exc:  # an engine the runtime cannot load or run is a failed artifact, not a crash
+        art.update(
+            usable=False, parity={"backend": "trt", "passed": False, "reasons": [f"cannot run: {exc}"]}
+        )
+        return art
     if skipped is not None:
         # Not verified is not usable; it does not fail the export, which built what was asked.
         log.warning("%s: %s", built["file"], skipped)

@@ -111,6 +111,22 @@ def _make_logger(trt):
     return _Logger()
 
 
+def strongly_typed_flags(trt) -> int:
+    """``create_network`` flags for a strongly typed network, told apart by feature, not by version.
+
+    TensorRT 9.1-10 have the STRONGLY_TYPED flag; 11 keeps it (ignored: every network is strongly typed)
+    and has no FP16 builder flag; a release that dropped the flag too is strongly typed if FP16 is gone.
+    Older releases (no flag, an FP16 builder flag) would ignore the graph's casts: refused.
+    """
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        return 0
+    raise UserError(
+        f"TensorRT {trt.__version__} cannot build strongly typed networks (need >= 10); {TRT_HINT}"
+    )
+
+
 def parser_errors(parser, onnx_path: Path) -> list[str]:
     """One line per ONNX parser error, naming the node (index, name and operator where TensorRT says)."""
     lines = []
@@ -172,10 +188,7 @@ def build_engine(
     logger = _make_logger(trt)
 
     builder = trt.Builder(logger)
-    if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        raise UserError(f"TensorRT {trt.__version__} cannot build strongly typed networks; {TRT_HINT}")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         details = parser_errors(parser, onnx_path)
@@ -226,11 +239,14 @@ def build_engine(
     }
 
 
-def engine_logits(engine_path: Path, record: dict, ref: dict, batch_size: int):
+def engine_logits(engine_path: Path, record: dict, ref: dict, batch_size: int, device: int = 0):
     """Logits of an engine on the reference set through the runtime's TensorRT backend.
 
     Returns:
-        ``(logits, None)``, or ``(None, reason)`` when the runtime has no TensorRT backend to run it.
+        ``(logits, None)``; ``(None, reason)`` when the runtime has no TensorRT backend to run it.
+
+    Raises:
+        UserError: the backend refused or failed to run the engine (the caller records it as a failure).
     """
     import numpy as np
 
@@ -238,7 +254,7 @@ def engine_logits(engine_path: Path, record: dict, ref: dict, batch_size: int):
         from crc_runtime.backends.tensorrt import TrtBackend
     except ImportError as exc:  # the runtime's backend is optional: say so instead of guessing
         return None, f"parity not run: crc_runtime.backends.tensorrt is not available ({exc})"
-    backend = TrtBackend(engine_path, record, precision="fp16")
+    backend = TrtBackend(engine_path, record, precision="fp16", device=device)
     try:
         step = min(batch_size, backend.max_batch)
         chunks = [
