@@ -66,16 +66,19 @@ def test_trt_without_tensorrt_is_one_line_naming_the_extra(tiny_run, tmp_path):
     assert not (tmp_path / "b").exists()  # refused before any export work
 
 
-def test_bad_profile_is_refused_before_export(tiny_run, tmp_path):
-    args = [str(tiny_run), "-o", str(tmp_path / "b"), "--trt", "--min-batch", "64", "--opt-batch", "8"]
-    result = CliRunner().invoke(export_command, args)
+def test_impossible_trt_requests_are_refused_before_export(tmp_path):
+    """Checked before the run is even read: the run folder here does not exist."""
+    base = [str(tmp_path / "run"), "-o", str(tmp_path / "b"), "--trt"]
+    result = CliRunner().invoke(export_command, [*base, "--min-batch", "64", "--opt-batch", "8"])
     assert result.exit_code == 1 and "min <= opt <= max" in result.output
+    result = CliRunner().invoke(export_command, [*base, "--no-fp16"])
+    assert result.exit_code == 1 and "model.fp16.onnx; drop --no-fp16" in result.output
     assert not (tmp_path / "b").exists()
 
 
-def test_bad_threshold_flag_is_a_usage_error(tiny_run, tmp_path):
+def test_bad_threshold_flag_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(
-        export_command, [str(tiny_run), "-o", str(tmp_path / "b"), "--threshold", "fp16.top1=0.9"]
+        export_command, [str(tmp_path / "run"), "-o", str(tmp_path / "b"), "--threshold", "fp16.top1=0.9"]
     )
     assert result.exit_code == 2 and "PRECISION.KEY=VALUE" in result.output
 
