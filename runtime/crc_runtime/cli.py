@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import UserError, printable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: UserError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    click.echo(f"error: {printable(str(exc))}", err=True)
     sys.exit(1)
 
 
@@ -56,6 +56,33 @@ THREADS = click.option(
     help="onnxruntime intra-op threads (default: onnxruntime decides).",
 )
 VERBOSE = click.option("-v", "--verbose", is_flag=True, help="Log what the runtime does.")
+BACKEND = click.option(
+    "--backend",
+    "backend_name",
+    type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+    default="auto",
+    show_default=True,
+    help="auto: TensorRT when a matching engine, tensorrt and a GPU are here, else onnxruntime CUDA, "
+    "else onnxruntime CPU (it says which and why). A GPU backend named here never falls back.",
+)
+ARTIFACT = click.option(
+    "--artifact",
+    "artifact_name",
+    default=None,
+    help="Artifact to run: a manifest file name or a precision (fp32, fp16). Default: the backend's "
+    "choice (ort-cpu fp32; ort-cuda fp16 when usable, else fp32; trt the engine for this GPU).",
+)
+CUDA_GRAPHS = click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    help="trt backend: capture each batch size once as a CUDA graph, replay it.",
+)
+REPORT = click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the latency report as JSON to this file (atomically).",
+)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +92,7 @@ def cli() -> None:
     \b
       crc-infer FOLDER --bundle BUNDLE [options]   predictions for every pair in FOLDER
       crc-infer validate BUNDLE [--device ...]     parity of every artifact on reference.npz
+      crc-infer bench --bundle BUNDLE [options]    engine-only latency per batch size
     """
 
 
@@ -92,13 +120,17 @@ def cli() -> None:
     is_flag=True,
     help="Continue a killed run from OUTPUT.partial: pairs already written are not run again.",
 )
+@ARTIFACT
+@BACKEND
+@CUDA_GRAPHS
 @click.option(
-    "--artifact",
-    "artifact_name",
-    default="fp32",
-    show_default=True,
-    help="Artifact to run: a file name from the manifest or a precision (fp32, fp16).",
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decode threads (default: one per core, at most 8; 0 decodes on the main thread). At most "
+    "3 x batch size decoded pairs are held at once.",
 )
+@REPORT
 @THREADS
 @VERBOSE
 def run_command(
@@ -108,7 +140,11 @@ def run_command(
     device: str,
     output: Path | None,
     resume: bool,
-    artifact_name: str,
+    artifact_name: str | None,
+    backend_name: str,
+    cuda_graphs: bool,
+    workers: int | None,
+    report: Path | None,
     threads: int | None,
     verbose: bool,
 ) -> None:
@@ -117,31 +153,21 @@ def run_command(
     Exit 0 when every pair was processed, 3 when predictions were written but some inputs were
     skipped (each listed with its reason), 1 on a user error or when nothing could be processed.
     """
-    from .backends.onnxruntime import OrtBackend
+    from .backends import open_backend
     from .bundle import MANIFEST_NAME, load_bundle, sha256_file
     from .pairs import discover_pairs
     from .predict import prediction_columns, prediction_row, run_inference
     from .predictions import PredictionWriter
-    from .timing import format_latency, per_pair, summarize, throughput
+    from .timing import format_latency, format_latency_table, per_pair, summarize, throughput
 
     _setup_logging(verbose)
     output = output or folder / "predictions.csv"
     try:
         bundle = load_bundle(bundle_dir)
-        pairset = discover_pairs(folder)
-        artifact = bundle.artifact(artifact_name)
-        if artifact.get("kind") != "onnx":
-            raise UserError(
-                f"{bundle.path / artifact['file']}: kind {artifact.get('kind')!r} has no backend in this "
-                "runtime yet; pass --artifact model.onnx"
-            )
+        pairset = discover_pairs(folder, bundle.classes)
         t0 = time.perf_counter()
-        backend = OrtBackend(
-            bundle.file(artifact["file"]),
-            device=device,
-            intra_op_threads=threads,
-            precision=artifact.get("precision", "fp32"),
-        )
+        selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
+        backend, artifact = selection.backend, selection.artifact
         load_s = time.perf_counter() - t0
         if output.is_dir() or not output.parent.is_dir():
             raise UserError(
@@ -160,10 +186,12 @@ def run_command(
                 batch_size,
                 skip_ids=writer.done_ids,
                 on_batch=lambda preds: writer.write_rows(prediction_row(p, bundle.classes) for p in preds),
+                workers=workers,
+                keep_predictions=False,  # rows stream to the writer: memory stays flat
             )
         finally:
             backend.close()
-        if not result.predictions and not result.resumed:
+        if not result.processed and not result.resumed:
             writer.discard()
             first = result.skipped[0] if result.skipped else None
             raise UserError(
@@ -174,13 +202,17 @@ def run_command(
             writer.finalize(order=[p.id for p in pairset.pairs])
         except OSError as exc:
             raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
+        run_report = _run_report(result, backend, selection, batch_size, load_s)
+        if report is not None:
+            _write_report(report, run_report)
     except UserError as exc:
         _fail(exc)
-    n = len(result.predictions)
+    n = result.processed
+    click.echo(f"backend: {backend.name} on {artifact['file']} ({selection.reason})")
     resumed = f", {result.resumed} already in {writer.partial.name} (resumed)" if resume else ""
     click.echo(f"pairs: {n} processed{resumed}, {len(result.skipped)} skipped (from {pairset.source})")
     for skip in result.skipped:
-        click.echo(f"  skipped {skip.item}: {skip.reason}")
+        click.echo(printable(f"  skipped {skip.item}: {skip.reason}"))
     if result.skipped:
         kinds = Counter(skip.kind for skip in result.skipped).most_common()
         click.echo("skipped by reason: " + ", ".join(f"{kind} {count}" for kind, count in kinds))
@@ -200,9 +232,143 @@ def run_command(
         f"({backend.name} {backend.version}, {artifact['file']}, device {backend.device}, "
         f"batch size {batch_size}, {lat['count']} batches, first one run once untimed as warm-up)"
     )
+    click.echo(format_latency_table(run_report["latency"]))
+    click.echo(
+        f"engine-only throughput: {run_report['throughput']['engine_only_pairs_per_s']:.1f} pairs/s; "
+        f"decode waits {result.decode_wait_seconds:.3f} s ({result.workers} decode workers)"
+    )
     click.echo(f"predictions: {output}")
+    if report is not None:
+        click.echo(f"report: {report}")
     if result.skipped:
         sys.exit(EXIT_SKIPPED)
+
+
+def _write_report(path: Path, report: dict) -> None:
+    from .timing import write_report
+
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"{path}: is a folder or its folder does not exist; pass a file path as --report")
+    try:
+        write_report(path, report)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+
+
+def _run_report(result, backend, selection, batch_size: int, load_s: float) -> dict:
+    """The latency report of a folder run (DESIGN.md "Latency report")."""
+    from .timing import backend_section, environment, latency_section, throughput
+
+    engine_s = sum(result.batch_seconds)
+    return {
+        "kind": "crc-infer run",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": environment(backend),
+        "backend": backend_section(backend, selection.artifact, selection.reason),
+        "batch_size": batch_size,
+        "decode_workers": result.workers,
+        "model_load_seconds": load_s,
+        "warmup": {"iterations": 1 if result.warmup_seconds else 0, "seconds": result.warmup_seconds},
+        "iterations": len(result.batch_seconds),
+        "pairs": {"processed": result.processed, "skipped": len(result.skipped), "resumed": result.resumed},
+        "latency": latency_section(result.batch_seconds, result.batch_pairs, result.stage_ms),
+        "throughput": {
+            "end_to_end_pairs_per_s": throughput(result.processed, result.total_seconds),
+            "engine_only_pairs_per_s": throughput(result.processed, engine_s),
+            "end_to_end_seconds": result.total_seconds,
+            "engine_seconds": engine_s,
+            "decode_wait_seconds": result.decode_wait_seconds,
+        },
+    }
+
+
+@cli.command("bench")
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder written by crc-export.",
+)
+@click.option(
+    "--batch-sizes", default="1,8,32,64,128,256", show_default=True, help="Comma-separated batch sizes."
+)
+@BACKEND
+@ARTIFACT
+@DEVICE
+@CUDA_GRAPHS
+@click.option("--warmup-iters", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Timed calls per batch size (default: --duration).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    help="Seconds of timed calls per batch size when --iterations is not given.",
+)
+@REPORT
+@THREADS
+@VERBOSE
+def bench_command(
+    bundle_dir: Path,
+    batch_sizes: str,
+    backend_name: str,
+    artifact_name: str | None,
+    device: str,
+    cuda_graphs: bool,
+    warmup_iters: int,
+    iterations: int | None,
+    duration: float,
+    report: Path | None,
+    threads: int | None,
+    verbose: bool,
+) -> None:
+    """Time the engine alone on synthetic uint8 inputs for each batch size (like trtexec)."""
+    from .backends import open_backend
+    from .bench import format_bench_table, parse_batch_sizes, run_bench
+    from .bundle import load_bundle
+    from .timing import backend_section, environment
+
+    _setup_logging(verbose)
+    try:
+        sizes = parse_batch_sizes(batch_sizes)
+        bundle = load_bundle(bundle_dir)
+        selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
+        try:
+            rows = run_bench(selection.backend, sizes, warmup_iters, iterations, duration)
+            bench_report = {
+                "kind": "crc-infer bench",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "environment": environment(selection.backend),
+                "backend": backend_section(selection.backend, selection.artifact, selection.reason),
+                "inputs": "synthetic uint8, fixed seed 0",
+                "cuda_graphs": cuda_graphs,
+                "results": rows,
+            }
+        finally:
+            selection.backend.close()
+        if report is not None:
+            _write_report(report, bench_report)
+    except UserError as exc:
+        _fail(exc)
+    b = bench_report["backend"]
+    click.echo(
+        f"backend: {b['name']} ({b['version']}, {b['artifact']}, {b['precision']}, device {b['device']}; "
+        f"{selection.reason})"
+    )
+    click.echo(
+        f"engine only, synthetic uint8 inputs; {warmup_iters} warm-up calls, then "
+        + (f"{iterations} timed calls" if iterations else f"{duration:g} s of timed calls")
+        + " per batch size"
+    )
+    click.echo(format_bench_table(rows))
+    if report is not None:
+        click.echo(f"report: {report}")
 
 
 @cli.command("validate")

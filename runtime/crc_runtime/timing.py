@@ -1,8 +1,15 @@
-"""Latency statistics the way trtexec reports them: min / mean / median / p90 / p95 / p99 / max in ms."""
+"""Latency statistics and reports the way trtexec gives them.
+
+min / mean / median / p90 / p95 / p99 / max in ms, per batch and per pair, and per stage (H2D / compute
+/ D2H) when the backend times them; the environment that produced the numbers; atomic JSON reports.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 
 import numpy as np
 
@@ -46,3 +53,109 @@ def format_latency(summary: dict, keys: tuple[str, ...] = ("median_ms", "p95_ms"
     """``p50 1.23 ms  p95 1.50 ms  p99 1.70 ms`` from a :func:`summarize` dict."""
     names = {"median_ms": "p50", "mean_ms": "mean", "min_ms": "min", "max_ms": "max"}
     return "  ".join(f"{names.get(k, k.removesuffix('_ms'))} {summary[k]:.2f} ms" for k in keys)
+
+
+STAGES = ("h2d_ms", "compute_ms", "d2h_ms")
+
+
+def latency_section(batch_seconds: list[float], batch_pairs: list[int], stage_ms: dict | None = None) -> dict:
+    """Per-batch and per-pair latency summaries, plus per-stage ones (H2D / compute / D2H) when timed.
+
+    Args:
+        batch_seconds: Wall time of each timed model call.
+        batch_pairs: Pairs in each of those calls (the last batch of a folder may be smaller).
+        stage_ms: Stage name -> milliseconds per call, as backends report them in ``last_timings``.
+    """
+    pairs = np.asarray(batch_pairs, dtype=np.float64)
+    section = {
+        "per_batch": summarize(batch_seconds),
+        "per_pair": summarize(list(np.asarray(batch_seconds, dtype=np.float64) / np.maximum(pairs, 1))),
+    }
+    for stage, values in (stage_ms or {}).items():
+        section[stage.removesuffix("_ms")] = summarize([v / 1e3 for v in values])
+    return section
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(backend=None) -> dict:
+    """Host, library versions and, for GPU backends, the CUDA device that produced the numbers."""
+    import platform
+
+    env = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": {
+            dist: v
+            for dist in ("crc-fusion", "numpy", "Pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+            + ("cuda-bindings",)
+            if (v := _version(dist)) is not None
+        },
+    }
+    if backend is not None and getattr(backend, "device", "cpu") == "cuda":
+        info = getattr(backend, "device_info", None)
+        if info is None:
+            try:
+                from .backends.cuda import device_info
+
+                info = device_info()
+            except Exception as exc:  # cuda-bindings absent: say so rather than fail the report
+                info = {"error": str(exc)}
+        env["gpu"] = info
+    return env
+
+
+def backend_section(backend, artifact: dict | None = None, reason: str | None = None) -> dict:
+    """What ran: backend name and version, device, precision, artifact, why it was chosen."""
+    return {
+        "name": backend.name,
+        "version": getattr(backend, "version", None),
+        "device": getattr(backend, "device", None),
+        "precision": getattr(backend, "precision", None),
+        "artifact": (artifact or {}).get("file"),
+        "selected_because": reason,
+        "stage_timing": getattr(backend, "timing_method", "CUDA events" if backend.name == "trt" else None),
+    }
+
+
+def write_report(path: str | os.PathLike, report: dict) -> None:
+    """Write a report as JSON atomically (NaN becomes null, so any JSON reader accepts it)."""
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(_finite(report), indent=2, sort_keys=True) + "\n")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def format_stats_row(label: str, summary: dict) -> str:
+    """``label  min mean p50 p90 p95 p99 max`` in ms, fixed width."""
+    keys = ("min_ms", "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
+    return f"{label:<10}" + "".join(f"{summary[k]:>10.3f}" for k in keys)
+
+
+def format_latency_table(section: dict) -> str:
+    """A trtexec-like block: one row per summary of :func:`latency_section` (ms)."""
+    head = f"{'':<10}" + "".join(f"{h:>10}" for h in ("min", "mean", "p50", "p90", "p95", "p99", "max"))
+    rows = [head]
+    for key in ("per_batch", "per_pair", "h2d", "compute", "d2h"):
+        if key in section and section[key]["count"]:
+            rows.append(format_stats_row(key.replace("per_", ""), section[key]))
+    return "\n".join(rows)

@@ -147,7 +147,7 @@ def open_backend(
         art = _onnx_artifact(bundle, artifact, prefer)
         if art.get("kind") != "onnx":
             raise BackendError(
-                f"{bundle.path / art['file']}: kind {art.get('kind')!r} cannot run on {name}; "
+                f"{bundle.path / art['file']}: kind {art.get('kind')!r} has no backend on {name}; "
                 "pass an ONNX artifact (--artifact model.onnx) or --backend trt"
             )
         opened = OrtBackend(
