@@ -39,3 +39,15 @@ class PairsError(UserError):
 
 class BackendError(UserError):
     """An inference backend that cannot run what was asked (provider missing, wrong inputs)."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print and to write as UTF-8, undecodable bytes shown as ``\\xNN``.
+
+    File names and a non-UTF-8 pairs.csv reach Python as lone surrogates (surrogateescape); printing
+    them as they are would raise UnicodeEncodeError.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

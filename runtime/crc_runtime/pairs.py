@@ -11,17 +11,20 @@ import csv
 import io
 import logging
 import os
+import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PairsError
+from .errors import PairsError, printable
 
 log = logging.getLogger(__name__)
 
 PAIRS_CSV = "pairs.csv"
 MODALITIES = ("pathology", "radiology")
 REQUIRED_COLUMNS = ("id", "pathology", "radiology")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8 (decoded with surrogateescape)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
@@ -56,50 +59,61 @@ class PairSet:
 class _Confined:
     """Resolve paths (symlinks included) and tell whether they stay inside one root folder.
 
-    Parent folders are resolved once and cached, so 100k pairs.csv rows cost one lstat each.
+    Parent folders are resolved once and cached, and so is each path's verdict, so a 100k-row
+    pairs.csv costs about one lstat per distinct file.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = os.path.realpath(root)
         self._dirs: dict[str, str] = {}
-
-    def real(self, path: str) -> str:
-        head, tail = os.path.split(path)
-        if tail in ("", ".", ".."):
-            return os.path.realpath(path)
-        real_head = self._dirs.get(head)
-        if real_head is None:
-            real_head = self._dirs[head] = os.path.realpath(head)
-        full = os.path.join(real_head, tail)
-        return os.path.realpath(full) if os.path.islink(full) else full
+        self._verdicts: dict[str, tuple[str, str] | None] = {}
 
     def inside(self, real: str) -> bool:
         return real.startswith(self.root + os.sep)
 
+    def check(self, path: str, shown: str) -> tuple[str, str] | None:
+        """None if ``path`` is a regular file inside the root, else (``shown`` + what is wrong, kind)."""
+        verdict = self._verdicts.get(path, False)
+        if verdict is False:
+            verdict = self._verdicts[path] = self._check(path)
+        return None if verdict is None else (f"{shown} {verdict[0]}", verdict[1])
 
-def _check_file(confined: _Confined, path: str, shown: str) -> tuple[str, str] | None:
-    """None if ``path`` is a regular file inside the root, else (reason, kind)."""
-    try:
-        real = confined.real(path)
-        if not confined.inside(real):
-            return (
-                f"{shown} escapes the input folder (resolves to {real}); paths must stay inside it",
-                "outside folder",
-            )
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        return f"{shown} not found", "missing file"
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte; OSError: name too long, loops, ...
-        return f"{shown} cannot be looked up ({exc})", "bad path"
-    if stat.S_ISDIR(mode):
-        return f"{shown} is a folder, not an image file", "not a file"
-    if not stat.S_ISREG(mode):
-        return f"{shown} is not a regular file (a FIFO, socket or device)", "not a file"
-    return None
+    def _check(self, path: str) -> tuple[str, str] | None:
+        try:
+            head, tail = os.path.split(path)
+            if tail in ("", ".", ".."):
+                real, link = os.path.realpath(path), True
+            else:
+                real_head = self._dirs.get(head)
+                if real_head is None:
+                    real_head = self._dirs[head] = os.path.realpath(head)
+                real, link = os.path.join(real_head, tail), False
+            # Nothing outside the root is ever opened or stat'ed: check where the path leads first.
+            if self.inside(real) and not link:
+                mode = os.lstat(real).st_mode
+                if stat.S_ISLNK(mode):
+                    real, link = os.path.realpath(real), True
+            if not self.inside(real):
+                return (
+                    f"escapes the input folder (resolves to {real}); paths must stay inside it",
+                    "outside folder",
+                )
+            if link:
+                mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            return "not found", "missing file"
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte; OSError: name too long, loops, ...
+            return f"cannot be looked up ({exc})", "bad path"
+        if stat.S_ISDIR(mode):
+            return "is a folder, not an image file", "not a file"
+        if not stat.S_ISREG(mode):
+            return "is not a regular file (a FIFO, socket or device)", "not a file"
+        return None
 
 
-def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header (stripped, lower case) and (line number, fields) of every non-blank row."""
+def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]], bool]:
+    """The header (stripped, lower case), (line number, fields) of every non-blank row, and whether
+    any byte was not UTF-8."""
     try:
         raw = csv_path.read_bytes()
     except OSError as exc:
@@ -117,12 +131,19 @@ def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 rows.append((reader.line_num, fields))
     except csv.Error as exc:
         raise PairsError(f"{csv_path} line {reader.line_num}: not a valid CSV ({exc})") from None
-    return [h.strip().lower() for h in header], rows
+    return [printable(h).strip().lower() for h in header], rows, _SURROGATE.search(text) is not None
 
 
-def _from_csv(folder: Path, csv_path: Path) -> PairSet:
+def _label_problem(label: str, classes: Sequence[str]) -> str | None:
+    """Why ``label`` names no class (a class name, or a class index written as digits), else None."""
+    if label in classes or (label.isdigit() and int(label) < len(classes)):
+        return None
+    return f"label {label!r} is neither a class name of the bundle nor an index below {len(classes)}"
+
+
+def _from_csv(folder: Path, csv_path: Path, classes: Sequence[str] | None = None) -> PairSet:
     result = PairSet(source=str(csv_path))
-    header, rows = _read_rows(csv_path)
+    header, rows, undecodable = _read_rows(csv_path)
     shown_header = ", ".join(header) or "none"
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing or len(set(header)) != len(header):
@@ -133,21 +154,22 @@ def _from_csv(folder: Path, csv_path: Path) -> PairSet:
     extra = [c for c in header if c not in (*REQUIRED_COLUMNS, "label")]
     if extra:
         log.info("%s: ignoring extra column(s) %s", csv_path, ", ".join(extra))
-    index = {name: header.index(name) for name in (*REQUIRED_COLUMNS, "label") if name in header}
+    columns = [(name, header.index(name)) for name in (*REQUIRED_COLUMNS, "label") if name in header]
     confined = _Confined(folder)
+    base = str(folder)
+    made: dict[str, Path] = {}  # one Path per distinct relative path (radiology slices repeat)
     seen: set[str] = set()
     for line, fields in rows:
-        values = {k: (fields[i].strip() if i < len(fields) else "") for k, i in index.items()}
+        values = {k: (fields[i].strip() if i < len(fields) else "") for k, i in columns}
         pair_id = values["id"]
-        item = f"{csv_path.name} line {line}" + (f" ({pair_id})" if pair_id else "")
 
-        def skip(reason: str, kind: str, item: str = item) -> None:
-            result.skipped.append(Skip(item, reason, kind))
+        def skip(reason: str, kind: str, line: int = line, pair_id: str = pair_id) -> None:
+            shown = f" ({printable(pair_id)})" if pair_id else ""
+            result.skipped.append(Skip(f"{csv_path.name} line {line}{shown}", reason, kind))
 
-        bad = next((v for v in values.values() if any("\udc80" <= ch <= "\udcff" for ch in v)), None)
-        if bad is not None:
-            code = next(ord(ch) - 0xDC00 for ch in bad if "\udc80" <= ch <= "\udcff")
-            skip(f"not UTF-8 (byte 0x{code:02x}); save {PAIRS_CSV} as UTF-8", "bad row")
+        if undecodable and any(_SURROGATE.search(v) for v in values.values()):
+            bad = next(m for v in values.values() if (m := _SURROGATE.search(v)))
+            skip(f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x}); save {PAIRS_CSV} as UTF-8", "bad row")
             continue
         if not pair_id:
             skip("empty id", "bad row")
@@ -155,7 +177,10 @@ def _from_csv(folder: Path, csv_path: Path) -> PairSet:
         if pair_id in seen:
             skip(f"duplicate id {pair_id!r} (the first row with it is used)", "duplicate id")
             continue
-        paths: dict[str, Path] = {}
+        label = values.get("label") or None
+        if label is not None and classes is not None and (why := _label_problem(label, classes)):
+            skip(why, "unknown label")
+            continue
         for modality in MODALITIES:
             rel = values[modality]
             if not rel:
@@ -166,16 +191,17 @@ def _from_csv(folder: Path, csv_path: Path) -> PairSet:
                     "outside folder",
                 )
             else:
-                problem = _check_file(confined, os.path.join(folder, rel), f"{modality} file {rel!r}")
+                problem = confined.check(os.path.join(base, rel), f"{modality} file {rel!r}")
             if problem:
                 skip(*problem)
                 break
-            paths[modality] = folder / rel
         else:
             seen.add(pair_id)
-            result.pairs.append(
-                Pair(pair_id, paths["pathology"], paths["radiology"], values.get("label") or None)
-            )
+            p_rel, r_rel = values["pathology"], values["radiology"]
+            for rel in (p_rel, r_rel):
+                if rel not in made:
+                    made[rel] = folder / rel
+            result.pairs.append(Pair(pair_id, made[p_rel], made[r_rel], label))
     return result
 
 
@@ -186,11 +212,14 @@ def _scan(directory: Path, confined: _Confined) -> tuple[dict[str, Path], dict[s
     for path in sorted(directory.iterdir()):
         if path.name.startswith("."):  # hidden files (.DS_Store, ._x.png) are ignored
             continue
+        if _SURROGATE.search(path.name):  # its id could not be printed or written to predictions.csv
+            skips.append(Skip(printable(str(path)), "file name is not valid UTF-8; rename it", "bad path"))
+            continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             reason = f"not an image file name (expected {', '.join(IMAGE_SUFFIXES)})"
             skips.append(Skip(str(path), reason, "not an image file"))
             continue
-        problem = _check_file(confined, str(path), "the entry")
+        problem = confined.check(str(path), "the entry")
         if problem:
             skips.append(Skip(str(path), problem[0].removeprefix("the entry "), problem[1]))
             continue
@@ -239,12 +268,17 @@ def _from_folders(folder: Path) -> PairSet:
     return result
 
 
-def discover_pairs(folder: str | os.PathLike) -> PairSet:
+def discover_pairs(folder: str | os.PathLike, classes: Sequence[str] | None = None) -> PairSet:
     """Find the pairs in ``folder``.
 
     ``FOLDER/pairs.csv`` (columns id, pathology, radiology, optional label; paths relative to the
     folder) wins when present; otherwise image files in ``FOLDER/pathology/`` and ``FOLDER/radiology/``
     are paired by file stem. Rows or files that cannot be used are skipped with a reason.
+
+    Args:
+        folder: The input folder; no path may lead outside it.
+        classes: The bundle's classes; when given, a pairs.csv label that is neither a class name nor
+            a class index skips its row here, with the line number.
 
     Raises:
         PairsError: The folder does not exist, has neither layout, or yields no pairs at all.
@@ -257,7 +291,7 @@ def discover_pairs(folder: str | os.PathLike) -> PairSet:
     if csv_path.exists():
         if not _Confined(folder).inside(os.path.realpath(csv_path)) or not csv_path.is_file():
             raise PairsError(f"{csv_path}: not a regular file inside {folder}; replace it by the CSV itself")
-        result = _from_csv(folder, csv_path)
+        result = _from_csv(folder, csv_path, classes)
     elif len(present) == 2:
         result = _from_folders(folder)
     elif present:
