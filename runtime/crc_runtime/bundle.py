@@ -147,12 +147,22 @@ def _require(manifest: dict, key: str, kind: type, where: Path):
     return value
 
 
+def _check_inside(bundle: Path, path: Path) -> None:
+    """A bundle file may be a symlink only to another file of the same bundle: nothing is read outside."""
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(bundle):
+        raise BundleError(
+            f"{path}: a symlink to {real}, outside the bundle; a bundle holds its own files, copy them in"
+        )
+
+
 def _read_manifest(bundle: Path) -> dict:
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a folder; pass the bundle folder written by crc-export")
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path}: missing; is {bundle} a bundle written by crc-export?")
+    _check_inside(bundle, path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -172,6 +182,7 @@ def _verify_files(bundle: Path, files: dict, where: Path) -> None:
         path = bundle / name
         if not path.is_file():
             raise BundleError(f"{path}: listed in manifest.json but missing; copy the whole bundle folder")
+        _check_inside(bundle, path)
         actual = sha256_file(path)
         if actual != expected:
             raise BundleError(
@@ -190,7 +201,7 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
     where = bundle / MANIFEST_NAME
     manifest = _read_manifest(bundle)
     version = manifest.get("schema_version")
-    if version not in KNOWN_SCHEMA_VERSIONS or isinstance(version, bool):
+    if not isinstance(version, int) or isinstance(version, bool) or version not in KNOWN_SCHEMA_VERSIONS:
         raise BundleError(
             f"{where}: schema_version {version!r} is not one this runtime knows "
             f"({', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}); upgrade crc-fusion or re-export the bundle"
