@@ -173,6 +173,10 @@ def run_command(
             raise UserError(
                 f"{output}: is a folder or its folder does not exist; pass a file path as --output"
             )
+        if report is not None and (report.is_dir() or not report.parent.is_dir()):
+            raise UserError(
+                f"{report}: is a folder or its folder does not exist; pass a file path as --report"
+            )
         run_key = {
             "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
             "artifact": artifact["file"],
