@@ -170,7 +170,8 @@ def build_engine(
 
     Returns:
         ``{"file", "timing_cache", "engine": {...}}``: the engine record holds gpu_name,
-        compute_capability, tensorrt_version, profile, workspace_bytes, build_seconds and source.
+        compute_capability, tensorrt_version, profile (min/opt/max batch and per-input shapes),
+        workspace_bytes, build_seconds and source (docs/bundle.md, "TensorRT engine artifacts").
 
     Raises:
         UserError: no TensorRT / GPU, an invalid profile, parser errors (``EngineBuildError.details``
@@ -231,7 +232,12 @@ def build_engine(
             "cuda_runtime": gpu.get("cuda_runtime"),
             "source": onnx_path.name,
             "strongly_typed": True,
-            "profile": shapes,
+            "profile": {
+                "min_batch": cfg.min_batch,
+                "opt_batch": cfg.opt_batch,
+                "max_batch": cfg.max_batch,
+                "shapes": shapes,
+            },
             "workspace_bytes": cfg.workspace_mib << 20,
             "build_seconds": round(seconds, 1),
             "timing_cache_seeded": bool(seed_bytes),

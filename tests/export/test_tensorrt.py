@@ -115,7 +115,9 @@ def test_engine_build_parity_and_timing_cache_reuse(tiny_run, tmp_path):
     assert engine["usable"] is True and engine["parity"]["passed"] is True
     assert engine["parity"]["top1_agreement"] >= 0.995
     assert record["strongly_typed"] is True and record["source"] == "model.fp16.onnx"
-    assert record["profile"]["pathology"] == {
+    profile = record["profile"]
+    assert [profile["min_batch"], profile["opt_batch"], profile["max_batch"]] == [1, 16, 64]
+    assert profile["shapes"]["pathology"] == {
         "min": [1, 28, 28, 3],
         "opt": [16, 28, 28, 3],
         "max": [64, 28, 28, 3],
