@@ -110,12 +110,12 @@ def test_cli_exit_codes(tiny_run, tmp_path):
 
     runner = CliRunner()
     ok = runner.invoke(export_command, [str(tiny_run), "-o", str(tmp_path / "b"), "--parity-pairs", "8",
-                                        "--exporter", "torchscript"])
+                                        "--exporter", "torchscript", "--no-fp16"])
     assert ok.exit_code == 0, ok.output
     assert ok.output.strip().splitlines()[-1] == "PASSED"
-    again = runner.invoke(export_command, [str(tiny_run), "-o", str(tmp_path / "b")])
+    again = runner.invoke(export_command, [str(tiny_run), "-o", str(tmp_path / "b"), "--no-fp16"])
     assert again.exit_code == 1 and "--overwrite" in again.output
-    missing = runner.invoke(export_command, [str(tmp_path / "nope"), "-o", str(tmp_path / "c")])
+    missing = runner.invoke(export_command, [str(tmp_path / "nope"), "-o", str(tmp_path / "c"), "--no-fp16"])
     assert missing.exit_code == 1 and "nope" in missing.output and "Traceback" not in missing.output
     assert not (tmp_path / "c").exists()
 
