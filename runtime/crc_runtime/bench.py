@@ -68,6 +68,7 @@ def bench_batch(
     iterations: int | None = None,
     duration: float = 3.0,
     seed: int = 0,
+    min_iterations: int = MIN_ITERATIONS,
 ) -> dict:
     """Time ``backend.infer`` at one batch size.
 
@@ -78,14 +79,17 @@ def bench_batch(
         iterations: Timed calls; None runs for ``duration`` seconds (at least :data:`MIN_ITERATIONS`).
         duration: Seconds of timed calls when ``iterations`` is None.
         seed: Seed of the synthetic inputs.
+        min_iterations: Timed calls a duration-bounded run makes at least.
 
     Returns:
-        batch_size, warmup_iterations, iterations, seconds, latency (see
+        batch_size, warmup_iterations, warmup_seconds, iterations, seconds, latency (see
         :func:`~crc_runtime.timing.latency_section`) and throughput_pairs_per_s.
     """
     inputs = synthetic_inputs(backend.input_specs, batch_size, seed)
+    t_warm = time.perf_counter()
     for _ in range(warmup_iters):
         backend.infer(inputs)
+    warmup_seconds = time.perf_counter() - t_warm
     times: list[float] = []
     stages: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -98,12 +102,13 @@ def bench_batch(
         if iterations is not None:
             if len(times) >= iterations:
                 break
-        elif time.perf_counter() - start >= duration and len(times) >= MIN_ITERATIONS:
+        elif time.perf_counter() - start >= duration and len(times) >= min_iterations:
             break
     total = time.perf_counter() - start
     return {
         "batch_size": batch_size,
         "warmup_iterations": warmup_iters,
+        "warmup_seconds": warmup_seconds,
         "iterations": len(times),
         "seconds": total,
         "latency": latency_section(times, [batch_size] * len(times), stages),

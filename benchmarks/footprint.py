@@ -1,0 +1,123 @@
+"""Cold start, peak RSS and installed size: the torch-free runtime against the same job done with torch.
+
+Each job runs as a child of a fresh measuring process, so ``RUSAGE_CHILDREN`` sees that one job only:
+its wall time from process start to exit (one batch of predictions written) and its peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The measuring process: starts the clock, runs the job, reports wall time and the child's peak RSS.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+wall = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_mib": peak}))
+"""
+
+
+def measure(cmd: list[str], repeats: int = 3) -> dict:
+    """Median wall time and largest peak RSS of ``cmd`` over ``repeats`` isolated runs."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True
+        )
+        run = json.loads(out.stdout.strip().splitlines()[-1])
+        if run["rc"] != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {run['rc']}")
+        runs.append(run)
+    return {
+        "command": cmd,
+        "repeats": repeats,
+        "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+        "wall_s_all": [r["wall_s"] for r in runs],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+    }
+
+
+def site_packages(python: str | Path) -> Path:
+    """The purelib folder of the environment that ``python`` belongs to."""
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every regular file under ``folder`` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                total += os.path.getsize(path)
+    return total
+
+
+def env_sizes(runtime_python: Path, torch_python: Path) -> dict:
+    """site-packages sizes (MiB) of the runtime-only environment and of the torch environment."""
+    rt, full = site_packages(runtime_python), site_packages(torch_python)
+    rt_mib, full_mib = folder_bytes(rt) / 2**20, folder_bytes(full) / 2**20
+    return {
+        "runtime_env": {"python": str(runtime_python), "site_packages": str(rt), "mib": rt_mib},
+        "torch_env": {"python": str(torch_python), "site_packages": str(full), "mib": full_mib},
+        "ratio": rt_mib / full_mib,
+    }
+
+
+def cold_start(runtime_python: Path, bundle: Path, run_dir: Path, folder: Path, out_dir: Path) -> dict:
+    """The same one-batch job (every pair of ``folder``) via crc-infer and via torch, measured apart."""
+    here = Path(__file__).resolve().parent
+    runtime_cmd = [
+        str(runtime_python), "-m", "crc_runtime.cli", str(folder), "--bundle", str(bundle),
+        "--backend", "ort-cpu", "--batch-size", "64", "--output", str(out_dir / "cold_runtime.csv"),
+    ]  # fmt: skip
+    torch_cmd = [
+        sys.executable,
+        str(here / "torch_job.py"),
+        str(run_dir),
+        str(folder),
+        str(out_dir / "cold_torch.csv"),
+    ]
+    runtime = measure(runtime_cmd)
+    torch_job = measure(torch_cmd)
+    return {
+        "job": f"predict every pair of {folder} in one batch and write a CSV (process start -> exit)",
+        "runtime": runtime,
+        "torch": torch_job,
+        "cold_start_ratio": runtime["wall_s_median"] / torch_job["wall_s_median"],
+        "peak_rss_ratio": runtime["peak_rss_mib"] / torch_job["peak_rss_mib"],
+    }
+
+
+def runtime_python_or_none(path: str | None) -> Path | None:
+    """The python of a torch-free runtime environment (checked to have no torch), or None."""
+    candidates = [path] if path else [".venv-runtime/bin/python"]
+    for cand in candidates:
+        python = Path(cand)
+        if not python.is_file():
+            continue
+        probe = subprocess.run(
+            [str(python), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+            capture_output=True,
+            text=True,
+        )
+        if probe.stdout.strip() == "True":
+            return python
+        log.warning("%s has torch installed; not a runtime-only environment", python)
+    return None
