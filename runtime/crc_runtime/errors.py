@@ -18,7 +18,7 @@ class UserError(Exception):
     kind = "error"
 
     def __init__(self, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))  # one line, whatever file names or ids it quotes
         if kind is not None:
             self.kind = kind
 
@@ -42,12 +42,17 @@ class BackendError(UserError):
 
 
 def printable(text: str) -> str:
-    """``text`` safe to print and to write as UTF-8, undecodable bytes shown as ``\\xNN``.
+    """``text`` safe to print on one line: undecodable bytes and control characters shown escaped.
 
     File names and a non-UTF-8 pairs.csv reach Python as lone surrogates (surrogateescape); printing
-    them as they are would raise UnicodeEncodeError.
+    them as they are would raise UnicodeEncodeError, and a line break would split the one line.
     """
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROLS)
+
+
+# Line breaks and other control characters (from ids or file names) would break the one-line rule.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}

@@ -114,7 +114,11 @@ def _decode(path: str | os.PathLike, max_pixels: int) -> Image.Image:
                     f"{path}: refused, {width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} pixels",
                     "too small",
                 )
-            frames = getattr(img, "n_frames", 1)
+            try:
+                frames = getattr(img, "n_frames", 1)  # TIFF and GIF walk their frames to count them
+            except Exception as exc:  # noqa: BLE001 (a damaged frame table raises TypeError, EOFError, ...)
+                why = f"{path}: truncated or corrupt (cannot walk its frames: {_why(exc)})"
+                raise ImageError(why, "truncated or corrupt") from None
             if frames > 1 and img.format != "MPO":  # MPO: a camera JPEG with a preview; frame 0 is it
                 raise ImageError(
                     f"{path}: refused, {img.format} with {frames} frames; save the one image to use",

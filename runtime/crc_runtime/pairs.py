@@ -25,6 +25,7 @@ PAIRS_CSV = "pairs.csv"
 MODALITIES = ("pathology", "radiology")
 REQUIRED_COLUMNS = ("id", "pathology", "radiology")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8 (decoded with surrogateescape)
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
@@ -45,6 +46,11 @@ class Skip:
     item: str
     reason: str
     kind: str = "other"
+
+    def __post_init__(self) -> None:
+        # One line each, whatever ids, file names or resolved paths the item and reason quote.
+        object.__setattr__(self, "item", printable(self.item))
+        object.__setattr__(self, "reason", printable(self.reason))
 
 
 @dataclass
@@ -174,6 +180,9 @@ def _from_csv(folder: Path, csv_path: Path, classes: Sequence[str] | None = None
         if not pair_id:
             skip("empty id", "bad row")
             continue
+        if _CONTROL.search(pair_id):
+            skip("id contains control characters (a line break, tab, ...)", "bad row")
+            continue
         if pair_id in seen:
             skip(f"duplicate id {pair_id!r} (the first row with it is used)", "duplicate id")
             continue
@@ -212,8 +221,9 @@ def _scan(directory: Path, confined: _Confined) -> tuple[dict[str, Path], dict[s
     for path in sorted(directory.iterdir()):
         if path.name.startswith("."):  # hidden files (.DS_Store, ._x.png) are ignored
             continue
-        if _SURROGATE.search(path.name):  # its id could not be printed or written to predictions.csv
-            skips.append(Skip(printable(str(path)), "file name is not valid UTF-8; rename it", "bad path"))
+        if _SURROGATE.search(path.name) or _CONTROL.search(path.name):  # unfit as an id in a CSV line
+            why = "file name is not valid UTF-8 or contains control characters; rename it"
+            skips.append(Skip(printable(str(path)), why, "bad path"))
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             reason = f"not an image file name (expected {', '.join(IMAGE_SUFFIXES)})"
