@@ -1,7 +1,8 @@
 """``crc-infer``: run a bundle on folders of image pairs, or validate a bundle against its reference.
 
 Exit codes: 0 success (every pair processed); 1 a user error (one line on stderr), nothing could be
-processed, or ``validate`` FAILED; 2 bad command line; 3 predictions written but some inputs were skipped.
+processed, or ``validate`` FAILED; 2 bad command line; 3 predictions written but some inputs were skipped;
+130 interrupted (Ctrl-C), the rows so far kept in OUTPUT.partial for ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COMMAND = "run"
 EXIT_SKIPPED = 3  # the run finished and wrote its predictions, but some inputs were skipped
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the rows written so far stay in OUTPUT.partial
 
 
 class DefaultGroup(click.Group):
@@ -193,6 +195,13 @@ def run_command(
                 workers=workers,
                 keep_predictions=False,  # rows stream to the writer: memory stays flat
             )
+        except KeyboardInterrupt:  # Ctrl-C: what is on disk stays there, one line says how to go on
+            click.echo(
+                f"interrupted: {len(writer.ids)} rows kept in {writer.partial}; "
+                "run the same command with --resume to continue",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
         finally:
             backend.close()
         if not result.processed and not result.resumed:

@@ -262,8 +262,12 @@ def _unprivileged():
         yield
         return
     Image.init()  # load Pillow's plugins while we can still read everything
-    os.setegid(65534)
-    os.seteuid(65534)
+    try:
+        os.setegid(65534)
+        os.seteuid(65534)
+    except PermissionError:  # a container without CAP_SETUID: root reads everything, nothing to test
+        os.setegid(0)
+        pytest.skip("running as root without the right to switch to user nobody")
     try:
         yield
     finally:

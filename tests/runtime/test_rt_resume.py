@@ -113,29 +113,67 @@ def _many_pairs(tiny, folder: Path, n: int) -> None:
             )
 
 
+def _start_and_wait_for_rows(tiny, folder: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """Start a real crc-infer (batch size 1) and return once some rows are on disk in OUTPUT.partial."""
+    code = "import sys; from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
+    args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
+    args += ["--threads", "1", "--output", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    partial = out.with_name(out.name + ".partial")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.stat().st_size > 2000:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "crc-infer finished before it could be interrupted"
+    return proc, args
+
+
+def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(tiny, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _many_pairs(tiny, folder, 1000)
+    out = tmp_path / "p.csv"
+    proc, args = _start_and_wait_for_rows(tiny, folder, out)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.startswith("interrupted: ") and stderr.count("\n") == 1 and "--resume" in stderr, stderr
+    assert not out.exists() and len(_read(out.with_name("p.csv.partial"))) > 1
+    resumed = CliRunner().invoke(cli, [*args, "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0 and len(_read(out)) == 1001, resumed.output
+
+
+def test_existing_output_symlink_is_replaced_not_followed(tiny, csv_copy, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    out = csv_copy / "predictions.csv"
+    out.symlink_to(precious)
+    result = CliRunner().invoke(cli, [str(csv_copy), "--bundle", str(tiny.bundle)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert precious.read_text() == "keep me\n" and not out.is_symlink() and len(_read(out)) == 7
+
+
 def test_killed_run_resumes_to_the_same_bytes(tiny, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     _many_pairs(tiny, folder, 1000)
     killed_out = tmp_path / "killed.csv"
     partial = tmp_path / "killed.csv.partial"
-    code = "import sys; from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
-    args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
-    args += ["--threads", "1", "--output", str(killed_out)]
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    proc, args = _start_and_wait_for_rows(tiny, folder, killed_out)  # some rows, surely not all 1000
     try:
-        # Kill it once some rows (but surely not all 1000) are on disk.
-        while time.monotonic() < deadline and proc.poll() is None:
-            if partial.exists() and partial.stat().st_size > 2000:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "crc-infer finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stderr.close()
     assert not killed_out.exists(), "a killed run must not leave a file under the final name"
     done_before = len(_read(partial)) - 1
     assert 0 < done_before < 1000
