@@ -12,11 +12,11 @@ import io
 import logging
 import os
 import re
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .confine import Confined
 from .errors import PairsError, printable
 
 log = logging.getLogger(__name__)
@@ -60,61 +60,6 @@ class PairSet:
     pairs: list[Pair] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     source: str = ""
-
-
-class _Confined:
-    """Resolve paths (symlinks included) and tell whether they stay inside one root folder.
-
-    Parent folders are resolved once and cached, and so is each path's verdict, so a 100k-row
-    pairs.csv costs about one lstat per distinct file.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = os.path.realpath(root)
-        self._dirs: dict[str, str] = {}
-        self._verdicts: dict[str, tuple[str, str] | None] = {}
-
-    def inside(self, real: str) -> bool:
-        return real.startswith(self.root + os.sep)
-
-    def check(self, path: str, shown: str) -> tuple[str, str] | None:
-        """None if ``path`` is a regular file inside the root, else (``shown`` + what is wrong, kind)."""
-        verdict = self._verdicts.get(path, False)
-        if verdict is False:
-            verdict = self._verdicts[path] = self._check(path)
-        return None if verdict is None else (f"{shown} {verdict[0]}", verdict[1])
-
-    def _check(self, path: str) -> tuple[str, str] | None:
-        try:
-            head, tail = os.path.split(path)
-            if tail in ("", ".", ".."):
-                real, link = os.path.realpath(path), True
-            else:
-                real_head = self._dirs.get(head)
-                if real_head is None:
-                    real_head = self._dirs[head] = os.path.realpath(head)
-                real, link = os.path.join(real_head, tail), False
-            # Nothing outside the root is ever opened or stat'ed: check where the path leads first.
-            if self.inside(real) and not link:
-                mode = os.lstat(real).st_mode
-                if stat.S_ISLNK(mode):
-                    real, link = os.path.realpath(real), True
-            if not self.inside(real):
-                return (
-                    f"escapes the input folder (resolves to {real}); paths must stay inside it",
-                    "outside folder",
-                )
-            if link:
-                mode = os.stat(real).st_mode
-        except FileNotFoundError:
-            return "not found", "missing file"
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte; OSError: name too long, loops, ...
-            return f"cannot be looked up ({exc})", "bad path"
-        if stat.S_ISDIR(mode):
-            return "is a folder, not an image file", "not a file"
-        if not stat.S_ISREG(mode):
-            return "is not a regular file (a FIFO, socket or device)", "not a file"
-        return None
 
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]], bool]:
@@ -161,7 +106,7 @@ def _from_csv(folder: Path, csv_path: Path, classes: Sequence[str] | None = None
     if extra:
         log.info("%s: ignoring extra column(s) %s", csv_path, ", ".join(extra))
     columns = [(name, header.index(name)) for name in (*REQUIRED_COLUMNS, "label") if name in header]
-    confined = _Confined(folder)
+    confined = Confined(folder)
     base = str(folder)
     made: dict[str, Path] = {}  # one Path per distinct relative path (radiology slices repeat)
     seen: set[str] = set()
@@ -214,7 +159,7 @@ def _from_csv(folder: Path, csv_path: Path, classes: Sequence[str] | None = None
     return result
 
 
-def _scan(directory: Path, confined: _Confined) -> tuple[dict[str, Path], dict[str, list[str]], list[Skip]]:
+def _scan(directory: Path, confined: Confined) -> tuple[dict[str, Path], dict[str, list[str]], list[Skip]]:
     """Image files of one modality folder by stem, stems by case-folded stem, and what was skipped."""
     found: dict[str, list[Path]] = {}
     skips: list[Skip] = []
@@ -254,7 +199,7 @@ def _scan(directory: Path, confined: _Confined) -> tuple[dict[str, Path], dict[s
 
 def _from_folders(folder: Path) -> PairSet:
     result = PairSet(source=f"{folder / 'pathology'} + {folder / 'radiology'}")
-    confined = _Confined(folder)
+    confined = Confined(folder)
     scans = {m: _scan(folder / m, confined) for m in MODALITIES}
     for modality in MODALITIES:
         result.skipped += scans[modality][2]
@@ -299,7 +244,7 @@ def discover_pairs(folder: str | os.PathLike, classes: Sequence[str] | None = No
     csv_path = folder / PAIRS_CSV
     present = [m for m in MODALITIES if (folder / m).is_dir()]
     if csv_path.exists():
-        if not _Confined(folder).inside(os.path.realpath(csv_path)) or not csv_path.is_file():
+        if not Confined(folder).inside(os.path.realpath(csv_path)) or not csv_path.is_file():
             raise PairsError(f"{csv_path}: not a regular file inside {folder}; replace it by the CSV itself")
         result = _from_csv(folder, csv_path, classes)
     elif len(present) == 2:
