@@ -118,6 +118,13 @@ def markdown(results: dict) -> str:
         best = max(r["ort_cpu_vs_torch_cpu"].values(), default=float("nan"))
         lines.append(f"- onnxruntime CPU / torch eager CPU throughput: {per} (target >= 1.5x; best "
                      f"{best:.2f}x {_verdict('ort_cpu_vs_torch_cpu', best)})")  # fmt: skip
+    if results.get("paired_cpu"):
+        per = ", ".join(f"batch {row['batch_size']}: {row['ratio']:.2f}x" for row in results["paired_cpu"])
+        best = max(row["ratio"] for row in results["paired_cpu"])
+        lines.append(
+            f"- same, interleaved A/B ({results['paired_cpu'][0]['rounds']} rounds, robust to load drift on"
+            f" a shared machine): {per} (best {best:.2f}x {_verdict('ort_cpu_vs_torch_cpu', best)})"
+        )
     for key in (k for k in r if k.startswith("trt_vs_")):
         per = ", ".join(f"batch {n}: {v:.2f}x" for n, v in r[key].items())
         lines.append(f"- TensorRT FP16 / {key.removeprefix('trt_vs_')}: {per}")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import e2e  # noqa: E402
 import footprint  # noqa: E402
+import paired  # noqa: E402
 import report  # noqa: E402
 
 log = logging.getLogger("benchmarks")
@@ -35,7 +36,8 @@ BACKENDS = (
     "torch-eager-fp32", "torch-amp-fp16", "torch-compile", "ort-cpu",
     "ort-cuda-fp32", "ort-cuda-fp16", "trt-fp16",
 )  # fmt: skip
-EXTRA = ("torch-eager-fp32-cpu", "ort-cpu-untuned")  # the CPU ratio on a GPU machine; untuned ORT
+# The CPU ratio on a GPU machine; onnxruntime with default options and with spinning threads off.
+EXTRA = ("torch-eager-fp32-cpu", "ort-cpu-untuned", "ort-cpu-nospin")
 
 
 def _bin(name: str) -> str:
@@ -91,9 +93,11 @@ def open_one(name: str, bundle, run_dir: Path):
             return None, "torch AMP FP16 needs a CUDA device (torch sees none)"
         model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoint.pt"))
         return TorchBackend(model, bundle.image_size, mode, device), None
-    if name in ("ort-cpu", "ort-cpu-untuned"):
-        if name == "ort-cpu":
-            return OrtBackend(bundle.file("model.onnx"), device="cpu"), None
+    if name in ("ort-cpu", "ort-cpu-untuned", "ort-cpu-nospin"):
+        if name != "ort-cpu-untuned":
+            backend = OrtBackend(bundle.file("model.onnx"), device="cpu", spinning=name == "ort-cpu")
+            backend.name = name
+            return backend, None
         return UntunedOrt(bundle.file("model.onnx")), None
     if name.startswith("ort-cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -199,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-footprint", action="store_true")
     ap.add_argument("--e2e-pairs", type=int, default=0, help="also stream a folder of N pairs (0: skip)")
     ap.add_argument("--e2e-batch", type=int, default=64)
+    ap.add_argument(
+        "--paired-rounds", type=int, default=0,
+        help="also time ort-cpu against torch eager CPU interleaved, N rounds per batch size (0: skip)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -233,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
         },  # fmt: skip
         "backends": run_backends(names, bundle, run_dir, sizes, args),
     }
+    if args.paired_rounds:
+        ort_cpu, _ = open_one("ort-cpu", bundle, run_dir)
+        torch_cpu, _ = open_one("torch-eager-fp32-cpu", bundle, run_dir)
+        results["paired_cpu"] = paired.paired_ratio(ort_cpu, torch_cpu, sizes, args.paired_rounds)
+        ort_cpu.close()
+        torch_cpu.close()
     if args.e2e_pairs:
         folder = e2e.make_folder(work / f"pairs-{args.e2e_pairs}", args.e2e_pairs, bundle.image_size)
         results["end_to_end"] = e2e.end_to_end(bundle, folder, args.e2e_batch)
