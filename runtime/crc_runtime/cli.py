@@ -160,7 +160,14 @@ def run_command(
     from .pairs import discover_pairs
     from .predict import prediction_columns, prediction_row, run_inference
     from .predictions import PredictionWriter
-    from .timing import format_latency, format_latency_table, per_pair, summarize, throughput
+    from .timing import (
+        folder_run_report,
+        format_latency,
+        format_latency_table,
+        per_pair,
+        summarize,
+        throughput,
+    )
 
     _setup_logging(verbose)
     output = output or folder / "predictions.csv"
@@ -215,7 +222,7 @@ def run_command(
             writer.finalize(order=[p.id for p in pairset.pairs])
         except OSError as exc:
             raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
-        run_report = _run_report(result, backend, selection, batch_size, load_s)
+        run_report = folder_run_report(result, backend, selection, batch_size, load_s)
         if report is not None:
             _write_report(report, run_report)
     except UserError as exc:
@@ -266,33 +273,6 @@ def _write_report(path: Path, report: dict) -> None:
         write_report(path, report)
     except OSError as exc:
         raise UserError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
-
-
-def _run_report(result, backend, selection, batch_size: int, load_s: float) -> dict:
-    """The latency report of a folder run (DESIGN.md "Latency report")."""
-    from .timing import backend_section, environment, latency_section, throughput
-
-    engine_s = sum(result.batch_seconds)
-    return {
-        "kind": "crc-infer run",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "environment": environment(backend),
-        "backend": backend_section(backend, selection.artifact, selection.reason),
-        "batch_size": batch_size,
-        "decode_workers": result.workers,
-        "model_load_seconds": load_s,
-        "warmup": {"iterations": 1 if result.warmup_seconds else 0, "seconds": result.warmup_seconds},
-        "iterations": len(result.batch_seconds),
-        "pairs": {"processed": result.processed, "skipped": len(result.skipped), "resumed": result.resumed},
-        "latency": latency_section(result.batch_seconds, result.batch_pairs, result.stage_ms),
-        "throughput": {
-            "end_to_end_pairs_per_s": throughput(result.processed, result.total_seconds),
-            "engine_only_pairs_per_s": throughput(result.processed, engine_s),
-            "end_to_end_seconds": result.total_seconds,
-            "engine_seconds": engine_s,
-            "decode_wait_seconds": result.decode_wait_seconds,
-        },
-    }
 
 
 @cli.command("bench")

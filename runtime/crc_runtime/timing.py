@@ -159,3 +159,38 @@ def format_latency_table(section: dict) -> str:
         if key in section and section[key]["count"]:
             rows.append(format_stats_row(key.replace("per_", ""), section[key]))
     return "\n".join(rows)
+
+
+def folder_run_report(result, backend, selection, batch_size: int, load_s: float) -> dict:
+    """The latency report of a folder run (DESIGN.md "Latency report").
+
+    Args:
+        result: The :class:`~crc_runtime.predict.InferenceResult`.
+        backend: The backend that ran.
+        selection: The :class:`~crc_runtime.backends.Selection` (artifact, reason).
+        batch_size: Pairs per call.
+        load_s: Seconds it took to open the backend.
+    """
+    import time
+
+    engine_s = sum(result.batch_seconds)
+    return {
+        "kind": "crc-infer run",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": environment(backend),
+        "backend": backend_section(backend, selection.artifact, selection.reason),
+        "batch_size": batch_size,
+        "decode_workers": result.workers,
+        "model_load_seconds": load_s,
+        "warmup": {"iterations": 1 if result.warmup_seconds else 0, "seconds": result.warmup_seconds},
+        "iterations": len(result.batch_seconds),
+        "pairs": {"processed": result.processed, "skipped": len(result.skipped), "resumed": result.resumed},
+        "latency": latency_section(result.batch_seconds, result.batch_pairs, result.stage_ms),
+        "throughput": {
+            "end_to_end_pairs_per_s": throughput(result.processed, result.total_seconds),
+            "engine_only_pairs_per_s": throughput(result.processed, engine_s),
+            "end_to_end_seconds": result.total_seconds,
+            "engine_seconds": engine_s,
+            "decode_wait_seconds": result.decode_wait_seconds,
+        },
+    }
