@@ -1,0 +1,270 @@
+"""Evaluate a finished run directory: metrics.json, report.md, test_predictions.npz and the figures.
+
+``evaluate_run`` needs only the run dir (checkpoint.pt, config.json) and the data its config names, so
+``crc-train evaluate RUN_DIR`` regenerates everything, and training calls it at its end.
+
+Files (each written atomically): ``metrics.json`` (the training keys kept, the evaluation keys added),
+``report.md``, ``test_predictions.npz`` (labels, preds, probs, pair_index, test_sha256),
+``confusion_matrix.png``, ``roc_curves.png``, ``tsne.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
+from crc_train.config import DataConfig
+from crc_train.data import PairedSplit, load_split
+from crc_train.errors import UserError
+from crc_train.metrics import classification_metrics
+from crc_train.plots import plot_confusion_matrix, plot_roc_curves, plot_tsne, tsne_embedding
+from crc_train.report import render_run_report
+from crc_train.rundir import write_json
+
+__all__ = ["FIGURES", "RunDirError", "evaluate_run", "predict", "read_predictions", "write_predictions"]
+
+log = logging.getLogger(__name__)
+
+#: The PNGs evaluate_run writes into the run dir.
+FIGURES = ("confusion_matrix.png", "roc_curves.png", "tsne.png")
+
+
+class RunDirError(UserError):
+    """A run directory that is missing or lacks the files a command needs."""
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, split: PairedSplit, device: torch.device, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """Logits, probabilities and fused features of every pair of ``split``, in split order.
+
+    Returns:
+        ``{"logits" float32 [N, C], "probs" float32 [N, C], "features" float32 [N, D], "loss" float}``.
+    """
+    model.eval()
+    logits_all, feats_all = [], []
+    for start in range(0, len(split), batch_size):
+        p = torch.from_numpy(np.ascontiguousarray(split.pathology[start : start + batch_size])).to(device)
+        r = torch.from_numpy(np.ascontiguousarray(split.radiology[start : start + batch_size])).to(device)
+        feats = model.forward_features(p, r)
+        logits_all.append(model.forward_head(feats).float().cpu())
+        feats_all.append(feats.float().cpu())
+    logits = torch.cat(logits_all)
+    labels = torch.from_numpy(split.labels)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else 0.0
+    return {
+        "logits": logits.numpy(),
+        "probs": torch.softmax(logits, dim=1).numpy().astype(np.float32),
+        "features": torch.cat(feats_all).numpy(),
+        "loss": loss,
+    }
+
+
+def _fingerprint(split: PairedSplit) -> str:
+    """sha256 over the test inputs and labels: two runs with equal fingerprints saw the same pairs."""
+    h = hashlib.sha256()
+    for arr in (split.pathology, split.radiology, split.labels):
+        a = np.ascontiguousarray(arr)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def write_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """test_predictions.npz atomically, no pickled objects."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_predictions(run_dir: Path) -> dict[str, Any]:
+    """test_predictions.npz of a run as plain arrays (``allow_pickle=False``).
+
+    Raises:
+        RunDirError: the file is missing or lacks labels / preds / probs.
+    """
+    path = Path(run_dir) / "test_predictions.npz"
+    if not path.is_file():
+        raise RunDirError(f"{path} not found: is {run_dir} a finished crc-train run dir?")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            out = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from exc
+    missing = [k for k in ("labels", "preds", "probs") if k not in out]
+    if missing:
+        raise RunDirError(f"{path} lacks {', '.join(missing)}")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from exc
+
+
+def _val_loss_from_csv(run_dir: Path, epoch: int) -> float | None:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("epoch") == str(epoch) and row.get("val_loss"):
+                return float(row["val_loss"])
+    return None
+
+
+def _data_config(config: dict[str, Any]) -> DataConfig:
+    known = {f.name for f in fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in config.get("data", {}).items() if k in known})
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    device: str = "cpu",
+    batch_size: int = 256,
+    ablation_seed: int = 0,
+    tsne_max_points: int = 2000,
+) -> dict[str, Any]:
+    """Evaluate the run's checkpoint on its test split and (re)write the evaluation files.
+
+    Args:
+        run_dir: a run directory with checkpoint.pt (and config.json; the checkpoint's copy otherwise).
+        device: "cpu", "cuda" or "auto".
+        batch_size: pairs per forward pass.
+        ablation_seed: seed of the permutation that shuffles the radiology images across test pairs.
+        tsne_max_points: t-SNE on a seeded random subset of at most this many test pairs.
+
+    Returns:
+        The content written to metrics.json.
+
+    Raises:
+        RunDirError, CheckpointError, DataError: user errors (missing run dir, files or data).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run dir not found: {run_dir}")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else ckpt["config"]
+    dev = _device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    classes = list(ckpt["classes"])
+    split = load_split(_data_config(config), "test")
+    log.info("evaluating %s on %d test pairs (%s)", run_dir, len(split), dev)
+
+    out = predict(model, split, dev, batch_size)
+    labels, probs = split.labels, out["probs"]
+    preds = probs.argmax(1).astype(np.int64)
+    metrics = classification_metrics(labels, preds, probs, classes)
+
+    # Modality ablation: the same pathology images, each with another pair's radiology image.
+    perm = np.random.default_rng(ablation_seed).permutation(len(split))
+    shuffled = replace(split, radiology=np.ascontiguousarray(split.radiology[perm]))
+    abl_probs = predict(model, shuffled, dev, batch_size)["probs"]
+    abl = classification_metrics(labels, abl_probs.argmax(1), abl_probs, classes)
+
+    old = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    best_epoch = int(old.get("best_epoch", ckpt["epoch"]))
+    mcfg = ckpt["model_config"]
+    result: dict[str, Any] = {
+        **old,
+        **metrics,
+        "loss": out["loss"],
+        "n_test": len(split),
+        "best_epoch": best_epoch,
+        "val_accuracy": old.get("val_accuracy", ckpt["best_val_metric"]),
+        "val_loss": old.get("val_loss", _val_loss_from_csv(run_dir, best_epoch)),
+        "classes": classes,
+        "run_id": ckpt["run_id"],
+        "backbone": mcfg.get("backbone"),
+        "fusion": mcfg.get("fusion"),
+        "image_size": ckpt["image_size"],
+        "ablation_accuracy": abl["accuracy"],
+        "ablation_macro_f1": abl["macro_f1"],
+        "ablation_seed": ablation_seed,
+        "test_sha256": _fingerprint(split),
+        "figures": list(FIGURES),
+    }
+
+    write_predictions(
+        run_dir / "test_predictions.npz",
+        {
+            "labels": labels.astype(np.int64),
+            "preds": preds,
+            "probs": probs.astype(np.float32),
+            # index of the pair in the test split (pathology sample i with its paired radiology image)
+            "pair_index": np.arange(len(split), dtype=np.int64),
+            "test_sha256": np.array(result["test_sha256"]),
+        },
+    )
+    _figures(run_dir, labels, probs, out["features"], metrics, classes, result, tsne_max_points)
+    write_json(run_dir / "metrics.json", result)
+    report = render_run_report(result, config)
+    (run_dir / ".report.md.tmp").write_text(report, encoding="utf-8")
+    os.replace(run_dir / ".report.md.tmp", run_dir / "report.md")
+    log.info(
+        "test accuracy %.4f macro-F1 %.4f; radiology shuffled %.4f",
+        result["accuracy"],
+        result["macro_f1"],
+        result["ablation_accuracy"],
+    )
+    return result
+
+
+def _figures(
+    run_dir: Path,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    features: np.ndarray,
+    metrics: dict[str, Any],
+    classes: list[str],
+    result: dict[str, Any],
+    tsne_max_points: int,
+) -> None:
+    name = f"{result['backbone']} / fusion {result['fusion']}"
+    n = len(labels)
+    plot_confusion_matrix(
+        np.array(metrics["confusion_matrix"]),
+        classes,
+        run_dir / "confusion_matrix.png",
+        f"Confusion matrix, test set (n = {n}), {name}\naccuracy {metrics['accuracy']:.3f}",
+    )
+    plot_roc_curves(labels, probs, classes, run_dir / "roc_curves.png", f"ROC curves (one-vs-rest), {name}")
+    keep = np.arange(n)
+    if n > tsne_max_points:
+        keep = np.sort(np.random.default_rng(0).choice(n, tsne_max_points, replace=False))
+    points = tsne_embedding(features[keep], seed=0)
+    shown = f"{len(keep)} of {n}" if len(keep) < n else f"n = {n}"
+    plot_tsne(
+        points,
+        labels[keep],
+        classes,
+        run_dir / "tsne.png",
+        f"t-SNE of the fused features, test set ({shown}), {name}",
+    )

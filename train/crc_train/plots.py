@@ -1,0 +1,153 @@
+"""The run's figures: confusion matrix, ROC curves, t-SNE of the fused features.
+
+Drawn on ``matplotlib.figure.Figure`` objects (no pyplot, no global backend state) and saved
+atomically. Axes use the NCT-CRC-HE abbreviations (TUM, STR, ...) with the full names in the legend or
+on the rows, so nine long class names stay legible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from crc_train.metrics import short_name
+
+__all__ = ["plot_confusion_matrix", "plot_roc_curves", "plot_tsne", "tsne_embedding"]
+
+log = logging.getLogger(__name__)
+
+DPI = 150
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _row_label(name: str) -> str:
+    short = short_name(name)
+    return name if short == name else f"{short}  {name}"
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """Annotated heatmap: colour = row-normalised share, text = count and row percentage."""
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    n = len(classes)
+    fig = Figure(figsize=(1.0 * n + 4.0, 0.8 * n + 1.8))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("fraction of the true class")
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j] == 0:
+                continue
+            colour = "white" if norm[i, j] > 0.6 else "black"
+            ax.text(j, i, f"{cm[i, j]}\n{100 * norm[i, j]:.0f}%", ha="center", va="center",
+                    fontsize=8, color=colour)  # fmt: skip
+    ax.set_xticks(range(n), [short_name(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticks(range(n), [_row_label(c) for c in classes])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_roc_curves(
+    labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, title: str
+) -> None:
+    """One-vs-rest ROC curve per class present, plus the macro average (mean TPR on a common FPR grid)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import auc, roc_curve
+
+    fig = Figure(figsize=(8.5, 6.5))
+    ax = fig.add_subplot()
+    colours = _colours(len(classes))
+    grid = np.linspace(0.0, 1.0, 501)
+    tprs, aucs = [], []
+    for k, name in enumerate(classes):
+        y = labels == k
+        if y.all() or not y.any():
+            continue  # ROC undefined without positives and negatives
+        fpr, tpr, _ = roc_curve(y, probs[:, k])
+        a = auc(fpr, tpr)
+        tprs.append(np.interp(grid, fpr, tpr))
+        aucs.append(a)
+        ax.plot(fpr, tpr, lw=1.2, color=colours[k], label=f"{short_name(name)} (AUC {a:.3f})")
+    if tprs:
+        mean_tpr = np.mean(tprs, axis=0)
+        mean_tpr[0] = 0.0
+        ax.plot(grid, mean_tpr, lw=3, color="black", label=f"macro average (AUC {np.mean(aucs):.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
+    _save(fig, path)
+
+
+def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE of ``features`` [N, D]: PCA to 50 dims first, perplexity adapted to small N.
+
+    Perplexity is min(30, (N - 1) / 3), at least 2: t-SNE needs perplexity < N, and about N / 3 keeps
+    the neighbourhoods meaningful on a small test split.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float64)
+    n = x.shape[0]
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+    if x.shape[1] > 50 and n > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(max(2.0, min(30.0, (n - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, learning_rate="auto")
+    return tsne.fit_transform(x)
+
+
+def plot_tsne(points: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """Scatter of the 2-D embedding coloured by true class, legend with full class names."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.5, 6.5))
+    ax = fig.add_subplot()
+    colours = _colours(len(classes))
+    for k, name in enumerate(classes):
+        mask = labels == k
+        if mask.any():
+            ax.scatter(points[mask, 0], points[mask, 1], s=14, color=colours[k], alpha=0.8,
+                       edgecolors="none", label=f"{_row_label(name)} (n={int(mask.sum())})")  # fmt: skip
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False, markerscale=1.6)
+    _save(fig, path)
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
