@@ -105,6 +105,18 @@ def cold_start(runtime_python: Path, bundle: Path, run_dir: Path, folder: Path, 
     }
 
 
+def imports_only(runtime_python: Path) -> dict:
+    """Library overhead alone: importing the runtime's stack against importing torch + torchvision."""
+    runtime = measure([str(runtime_python), "-c", "import crc_runtime.cli, crc_runtime.predict, onnxruntime"])
+    torch_job = measure([sys.executable, "-c", "import torch, torchvision, crc_train.model"])
+    return {
+        "runtime": runtime,
+        "torch": torch_job,
+        "wall_ratio": runtime["wall_s_median"] / torch_job["wall_s_median"],
+        "rss_ratio": runtime["peak_rss_mib"] / torch_job["peak_rss_mib"],
+    }
+
+
 def runtime_python_or_none(path: str | None) -> Path | None:
     """The python of a torch-free runtime environment (checked to have no torch), or None."""
     candidates = [path] if path else [".venv-runtime/bin/python"]

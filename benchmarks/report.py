@@ -149,6 +149,14 @@ def markdown(results: dict) -> str:
             f"- peak RSS: crc-infer {rt['peak_rss_mib']:.0f} MiB, torch {th['peak_rss_mib']:.0f} MiB "
             f"-> {r['peak_rss']:.2f} (target <= 0.25, {_verdict('peak_rss', r['peak_rss'])})"
         )
+    if "imports_only" in fp:
+        io = fp["imports_only"]
+        rt, th = io["runtime"], io["torch"]
+        lines.append(
+            f"- imports alone (library overhead, no model): runtime {rt['wall_s_median']:.2f} s / "
+            f"{rt['peak_rss_mib']:.0f} MiB, torch + torchvision {th['wall_s_median']:.2f} s / "
+            f"{th['peak_rss_mib']:.0f} MiB -> time {io['wall_ratio']:.2f}, RSS {io['rss_ratio']:.2f}"
+        )
     if "env_size" in fp:
         es = fp["env_size"]
         lines.append(

@@ -266,6 +266,7 @@ def measure_footprint(args, bundle_dir: Path, run_dir: Path, work: Path) -> dict
     folder = HERE.parent / "examples" / "pairs"
     return {
         "cold_start": footprint.cold_start(python, bundle_dir, run_dir, folder, work),
+        "imports_only": footprint.imports_only(python),
         "env_size": footprint.env_sizes(python, Path(sys.executable)),
     }
 
