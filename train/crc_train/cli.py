@@ -165,7 +165,7 @@ def train_command(**opts) -> None:  # noqa: ANN003 - click passes every option b
     click.echo(f"run dir: {result.run_dir}")
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", short_help="Metrics, report.md and figures of a finished run dir.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
