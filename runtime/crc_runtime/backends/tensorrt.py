@@ -191,7 +191,7 @@ class TrtBackend:
 
     def _enqueue(self) -> None:
         if hasattr(self.context, "execute_async_v3"):  # TensorRT 10 and 11
-            ok = self.context.execute_async_v3(self.stream.handle)
+            ok = self.context.execute_async_v3(int(self.stream.handle))  # TensorRT takes the raw handle
         else:  # pragma: no cover - TensorRT < 10 is not supported by the exporter either
             raise BackendError(f"TensorRT {self._trt.__version__} has no execute_async_v3; {_INSTALL}")
         if not ok:
