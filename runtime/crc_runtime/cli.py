@@ -49,7 +49,8 @@ DEVICE = click.option(
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
     show_default=True,
-    help="auto: CUDA when onnxruntime has it, else CPU; cuda insists and fails loudly.",
+    help="With --backend auto: cpu forces onnxruntime CPU, cuda insists on a GPU backend and fails loudly "
+    "without one. validate: the onnxruntime provider (auto: CUDA when present).",
 )
 THREADS = click.option(
     "--threads",
