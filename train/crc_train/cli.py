@@ -14,9 +14,14 @@ from pathlib import Path
 import click
 
 from crc_train.config import (
+    AMP_MODES,
     BACKBONES,
     DATA_SOURCES,
     FUSIONS,
+    LOSSES,
+    PRESETS,
+    SCHEDULERS,
+    SELECT_ON,
     SIZES,
     DataConfig,
     ModelConfig,
@@ -25,10 +30,15 @@ from crc_train.config import (
 )
 from crc_train.errors import UserError
 
+
+class UsageError(UserError):
+    """A flag combination that cannot work (e.g. --resume with settings of a new run)."""
+
+
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "sklearn")
 MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[train]'"
 
-_D, _T = DataConfig(), TrainConfig()
+_D, _M, _T = DataConfig(), ModelConfig(), TrainConfig()
 
 
 def _has_module(name: str) -> bool:
@@ -71,6 +81,14 @@ def cli() -> None:
 
 @cli.command("train")
 @click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="paper: the seed paper's recipe (resnet50, attention fusion, 64 px, Adam, batch 32 x accumulation "
+    "4, 50 epochs, early stopping patience 10, ReduceLROnPlateau x0.1 after 5, CE+LDAM, best checkpoint on "
+    "validation loss). Flags given explicitly override the preset.",
+)
+@click.option(
     "--data-source",
     type=click.Choice(DATA_SOURCES),
     default=_D.source,
@@ -104,34 +122,126 @@ def cli() -> None:
     help="Seed of the pathology -> radiology pairing permutations.",
 )
 @click.option("--max-train-pairs", type=int, default=None, help="Use only the first N training pairs.")
-@click.option("--backbone", type=click.Choice(BACKBONES), default=ModelConfig.backbone, show_default=True)
+@click.option("--backbone", type=click.Choice(BACKBONES), default=_M.backbone, show_default=True)
 @click.option(
     "--fusion",
     type=click.Choice(FUSIONS),
-    default=ModelConfig.fusion,
+    default=_M.fusion,
     show_default=True,
-    help="none = pathology-only baseline.",
+    help="none = pathology-only baseline; attention = the paper's mid + late fusion.",
 )
-@click.option("--epochs", type=int, default=_T.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=_T.batch_size, show_default=True)
-@click.option("--lr", type=float, default=_T.lr, show_default=True)
+@click.option(
+    "--pretrained",
+    default=None,
+    help="Start both branches from 'imagenet' (torchvision weights, downloaded) or a saved torchvision "
+    "ResNet state dict PATH; the 3x3 stem of 28/64-px models takes the centre 3x3 of the 7x7 kernel.",
+)
+@click.option(
+    "--freeze-epochs",
+    type=int,
+    default=_T.freeze_epochs,
+    show_default=True,
+    help="Keep both backbones frozen for the first N epochs (fusion blocks and head train).",
+)
+@click.option("--epochs", type=int, default=_T.epochs, show_default=True, help="At most this many epochs.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=_T.batch_size,
+    show_default=True,
+    help="Pairs per micro-batch and process.",
+)
+@click.option(
+    "--accumulation-steps",
+    type=int,
+    default=_T.accumulation_steps,
+    show_default=True,
+    help="Micro-batches per optimiser step (effective batch = batch size x this x processes).",
+)
+@click.option("--lr", type=float, default=_T.lr, show_default=True, help="Adam learning rate.")
 @click.option("--weight-decay", type=float, default=_T.weight_decay, show_default=True)
+@click.option(
+    "--loss",
+    type=click.Choice(LOSSES),
+    default=_T.loss,
+    show_default=True,
+    help="ce, ldam (on the head's cosine logits) or ce+ldam (CE + weight x LDAM).",
+)
+@click.option("--ldam-max-margin", type=float, default=_T.ldam_max_margin, show_default=True)
+@click.option(
+    "--ldam-scale", type=float, default=_T.ldam_scale, show_default=True, help="LDAM logit scale s."
+)
+@click.option(
+    "--ldam-weight", type=float, default=_T.ldam_weight, show_default=True, help="LDAM term weight."
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=None,
+    help="Early stopping: stop after N epochs without a lower validation loss [default: off].",
+)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=_T.scheduler, show_default=True)
+@click.option("--plateau-factor", type=float, default=_T.plateau_factor, show_default=True)
+@click.option("--plateau-patience", type=int, default=_T.plateau_patience, show_default=True)
+@click.option(
+    "--select-on",
+    type=click.Choice(SELECT_ON),
+    default=_T.select_on,
+    show_default=True,
+    help="Validation number that picks checkpoint.pt.",
+)
 @click.option("--seed", type=int, default=_T.seed, show_default=True)
 @click.option("--workers", type=int, default=_T.workers, show_default=True, help="DataLoader workers.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_T.device, show_default=True)
+@click.option(
+    "--amp",
+    type=click.Choice(AMP_MODES),
+    default=_T.amp,
+    show_default=True,
+    help="Mixed precision: bf16 (CPU or CUDA autocast) or fp16 (CUDA, with GradScaler).",
+)
+@click.option("--channels-last", is_flag=True, help="channels_last memory format (faster on tensor cores).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training forward pass.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
     help="Run directory [default: runs/<timestamp>-<backbone>-<fusion>].",
 )
-@click.option("--quiet", is_flag=True, help="Only warnings and the final result.")
-def train_command(**opts) -> None:  # noqa: ANN003 - click passes every option by name
-    """Train, keep the best checkpoint on validation accuracy, evaluate it on the test split."""
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Continue RUN_DIR from its last.pt with its saved settings (only --epochs, --device, --workers, "
+    "--log-interval and --quiet may be given with it).",
+)
+@click.option(
+    "--log-interval", type=int, default=_T.log_interval, show_default=True, help="Steps per log line."
+)
+@click.option("--quiet", is_flag=True, help="Only warnings and the final result (no progress bar).")
+@click.pass_context
+def train_command(ctx: click.Context, **opts) -> None:  # noqa: ANN003 - click passes every option by name
+    """Train, keep the best checkpoint on validation, evaluate it on the test split.
+
+    Multi-GPU (or multi-process CPU): torchrun --nproc-per-node N -m crc_train.cli train ...
+    """
+    from click.core import ParameterSource
+
     _configure_logging(opts["quiet"])
+    given = {k for k in opts if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    if opts["resume"]:
+        _resume(opts, given)
+        return
+    if opts["preset"]:
+        for (_section, name), value in PRESETS[opts["preset"]].items():
+            option = "size" if name == "image_size" else name
+            if option not in given:
+                opts[option] = str(value) if option == "size" else value
     size = int(opts["size"])
     cfg = RunConfig(
-        model=ModelConfig(backbone=opts["backbone"], fusion=opts["fusion"], image_size=size),
+        model=ModelConfig(
+            backbone=opts["backbone"], fusion=opts["fusion"], image_size=size, pretrained=opts["pretrained"]
+        ),
         data=DataConfig(
             source=opts["data_source"],
             root=opts["data_root"],
@@ -142,22 +252,46 @@ def train_command(**opts) -> None:  # noqa: ANN003 - click passes every option b
             max_train_pairs=opts["max_train_pairs"],
         ),
         train=TrainConfig(
-            epochs=opts["epochs"],
-            batch_size=opts["batch_size"],
-            lr=opts["lr"],
-            weight_decay=opts["weight_decay"],
-            seed=opts["seed"],
-            workers=opts["workers"],
-            device=opts["device"],
-            out=opts["out"],
+            **{f: opts[f] for f in _TRAIN_FLAGS},
+            compile=opts["compile_"],
+            progress=not opts["quiet"],
         ),
     )
     cfg.validate()  # before importing torch: bad values fail fast
 
     from crc_train.loop import train
 
-    result = train(cfg)
+    _report(train(cfg))
+
+
+#: TrainConfig fields set by the flag of the same name.
+_TRAIN_FLAGS = (
+    "epochs", "batch_size", "lr", "weight_decay", "seed", "workers", "device", "out", "log_interval",
+    "accumulation_steps", "loss", "ldam_max_margin", "ldam_scale", "ldam_weight", "patience", "scheduler",
+    "plateau_factor", "plateau_patience", "select_on", "amp", "channels_last", "freeze_epochs",
+)  # fmt: skip
+#: The only flags --resume accepts.
+_RESUME_FLAGS = ("resume", "epochs", "device", "workers", "log_interval", "quiet")
+
+
+def _resume(opts: dict, given: set[str]) -> None:
+    """`--resume RUN_DIR`: continue a run; only the flags in _RESUME_FLAGS may come with it."""
+    extra = sorted(given - set(_RESUME_FLAGS))
+    if extra:
+        flags = ", ".join("--" + k.rstrip("_").replace("_", "-") for k in extra)
+        raise UsageError(f"--resume continues the run with its saved settings; drop {flags}")
+    overrides = {k: opts[k] for k in ("epochs", "device", "workers", "log_interval") if k in given}
+    overrides["progress"] = not opts["quiet"]
+
+    from crc_train.loop import resume
+
+    _report(resume(opts["resume"], **overrides))
+
+
+def _report(result) -> None:  # noqa: ANN001 - a loop.RunResult
     m = result.metrics
+    if not m:  # ranks other than 0 under torchrun print nothing
+        return
     click.echo(
         f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
         f"(best epoch {m['best_epoch']}, {m['n_test']} test pairs)"

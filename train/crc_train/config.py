@@ -6,12 +6,16 @@ training extra. `data.py` and `model.py` re-export `DataConfig` and `ModelConfig
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from crc_train.errors import ConfigError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
+LOSSES = ("ce", "ldam", "ce+ldam")
+AMP_MODES = ("off", "bf16", "fp16")
+SCHEDULERS = ("none", "plateau")
+SELECT_ON = ("val_acc", "val_loss")
 FUSIONS = ("none", "early", "late", "attention")
 SIZES = (28, 64, 128, 224)
 DATA_SOURCES = ("medmnist", "synthetic")
@@ -73,7 +77,7 @@ class ModelConfig:
     attention_heads: int = 4
     #: dropout before the linear head.
     dropout: float = 0.3
-    #: pretrained weights for the branches (hook for ImageNet loading; None = random init).
+    #: branch weights at the start of training: None (random), "imagenet" (torchvision) or a state-dict path.
     pretrained: str | None = None
 
     def validate(self) -> None:
@@ -91,8 +95,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.pretrained is not None:
-            raise ConfigError("pretrained weights are not supported yet; leave pretrained unset")
+        if self.pretrained is not None and not str(self.pretrained).strip():
+            raise ConfigError("pretrained must be 'imagenet' or the path of a saved torchvision state dict")
 
 
 @dataclass
@@ -117,6 +121,36 @@ class TrainConfig:
     out: str | None = None
     #: log a progress line every this many optimiser steps (and at the end of each epoch).
     log_interval: int = 50
+    #: micro-batches whose gradients are summed before one optimiser step (effective batch = batch x this).
+    accumulation_steps: int = 1
+    #: "ce" (cross-entropy), "ldam" (LDAM on the head's cosine logits) or "ce+ldam" (their sum, losses.py).
+    loss: str = "ce"
+    #: LDAM's largest per-class margin (the rarest training class gets it; Cao et al. use 0.5).
+    ldam_max_margin: float = 0.5
+    #: LDAM's logit scale s applied to the cosine logits (Cao et al. use 30).
+    ldam_scale: float = 30.0
+    #: weight lambda of the LDAM term in "ce+ldam" (loss = CE + lambda * LDAM).
+    ldam_weight: float = 1.0
+    #: stop when the validation loss has not improved for this many epochs; None = never stop early.
+    patience: int | None = None
+    #: learning-rate schedule: "none" or "plateau" (ReduceLROnPlateau on the validation loss).
+    scheduler: str = "none"
+    #: ReduceLROnPlateau: multiply the learning rate by this factor on a plateau.
+    plateau_factor: float = 0.1
+    #: ReduceLROnPlateau: epochs without validation-loss improvement before the rate drops.
+    plateau_patience: int = 5
+    #: which validation number picks checkpoint.pt: "val_acc" (ties -> lower loss) or "val_loss".
+    select_on: str = "val_acc"
+    #: mixed precision: "off", "bf16" (CPU or CUDA autocast) or "fp16" (CUDA autocast + GradScaler).
+    amp: str = "off"
+    #: train in channels_last memory format (faster convolutions on tensor-core GPUs).
+    channels_last: bool = False
+    #: wrap the training forward pass in torch.compile.
+    compile: bool = False
+    #: keep both backbones frozen for this many first epochs (then unfreeze; the rest always trains).
+    freeze_epochs: int = 0
+    #: show a tqdm bar per epoch (only on a TTY and on rank 0).
+    progress: bool = True
 
     def validate(self) -> None:
         """Raise ConfigError with a user-facing message for an impossible setting."""
@@ -134,6 +168,33 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.log_interval < 1:
             raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
+        if self.accumulation_steps < 1:
+            raise ConfigError(f"accumulation steps must be >= 1, got {self.accumulation_steps}")
+        _choice("loss", self.loss, LOSSES)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("select_on", self.select_on, SELECT_ON)
+        _choice("amp", self.amp, AMP_MODES)
+        if not 0 < self.ldam_max_margin < 2:
+            raise ConfigError(f"ldam max margin must be in (0, 2), got {self.ldam_max_margin}")
+        if self.ldam_scale <= 0:
+            raise ConfigError(f"ldam scale must be > 0, got {self.ldam_scale}")
+        if self.ldam_weight < 0:
+            raise ConfigError(f"ldam weight must be >= 0, got {self.ldam_weight}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError(f"plateau factor must be in (0, 1), got {self.plateau_factor}")
+        if self.plateau_patience < 0:
+            raise ConfigError(f"plateau patience must be >= 0, got {self.plateau_patience}")
+        if self.freeze_epochs < 0:
+            raise ConfigError(f"freeze epochs must be >= 0, got {self.freeze_epochs}")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass
@@ -157,3 +218,49 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON- and weights_only-safe)."""
         return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The inverse of ``to_dict`` (extra top-level keys such as run_id are ignored).
+
+        Raises:
+            ConfigError: a section holds a field this version does not know.
+        """
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        built = {}
+        for name, klass in sections.items():
+            known = {f.name for f in fields(klass)}
+            unknown = sorted(set(d.get(name, {})) - known)
+            if unknown:
+                raise ConfigError(f"saved config section {name!r} has unknown fields: {', '.join(unknown)}")
+            built[name] = klass(**d.get(name, {}))
+        return cls(**built)
+
+
+#: ``--preset paper``: the recipe of seed paper 000, as (section, field) -> value. The paper fixes the
+#: optimiser (Adam), batch 32 x accumulation 4, at most 50 epochs, early stopping on the validation
+#: loss, ReduceLROnPlateau, CE combined with LDAM (largest margin 0.5), 64 px, ResNet50 and attention
+#: fusion; it gives no patience, plateau factor or LDAM scale, so those are our choices (patience 10,
+#: the rate x0.1 after 5 flat epochs so it drops before early stopping can trigger, s = 30 as in Cao et
+#: al.'s code). Explicit flags override every entry.
+PRESETS: dict[str, dict[tuple[str, str], Any]] = {
+    "paper": {
+        ("model", "backbone"): "resnet50",
+        ("model", "fusion"): "attention",
+        ("model", "image_size"): 64,
+        ("data", "size"): 64,
+        ("train", "batch_size"): 32,
+        ("train", "accumulation_steps"): 4,
+        ("train", "epochs"): 50,
+        ("train", "lr"): 1e-3,
+        ("train", "patience"): 10,
+        ("train", "scheduler"): "plateau",
+        ("train", "plateau_factor"): 0.1,
+        ("train", "plateau_patience"): 5,
+        ("train", "select_on"): "val_loss",
+        ("train", "loss"): "ce+ldam",
+        ("train", "ldam_max_margin"): 0.5,
+        ("train", "ldam_scale"): 30.0,
+        ("train", "ldam_weight"): 1.0,
+    }
+}
