@@ -218,6 +218,12 @@ def cli() -> None:
 @click.option(
     "--log-interval", type=int, default=_T.log_interval, show_default=True, help="Steps per log line."
 )
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=_T.evaluate,
+    show_default=True,
+    help="Evaluate the best checkpoint on the test split at the end (report.md, figures).",
+)
 @click.option("--quiet", is_flag=True, help="Only warnings and the final result (no progress bar).")
 @click.pass_context
 def train_command(ctx: click.Context, **opts) -> None:  # noqa: ANN003 - click passes every option by name
@@ -268,10 +274,10 @@ def train_command(ctx: click.Context, **opts) -> None:  # noqa: ANN003 - click p
 _TRAIN_FLAGS = (
     "epochs", "batch_size", "lr", "weight_decay", "seed", "workers", "device", "out", "log_interval",
     "accumulation_steps", "loss", "ldam_max_margin", "ldam_scale", "ldam_weight", "patience", "scheduler",
-    "plateau_factor", "plateau_patience", "select_on", "amp", "channels_last", "freeze_epochs",
+    "plateau_factor", "plateau_patience", "select_on", "amp", "channels_last", "freeze_epochs", "evaluate",
 )  # fmt: skip
 #: The only flags --resume accepts.
-_RESUME_FLAGS = ("resume", "epochs", "device", "workers", "log_interval", "quiet")
+_RESUME_FLAGS = ("resume", "epochs", "device", "workers", "log_interval", "quiet", "evaluate")
 
 
 def _resume(opts: dict, given: set[str]) -> None:
@@ -280,7 +286,9 @@ def _resume(opts: dict, given: set[str]) -> None:
     if extra:
         flags = ", ".join("--" + k.rstrip("_").replace("_", "-") for k in extra)
         raise UsageError(f"--resume continues the run with its saved settings; drop {flags}")
-    overrides = {k: opts[k] for k in ("epochs", "device", "workers", "log_interval") if k in given}
+    overrides = {
+        k: opts[k] for k in ("epochs", "device", "workers", "log_interval", "evaluate") if k in given
+    }
     overrides["progress"] = not opts["quiet"]
 
     from crc_train.loop import resume
@@ -291,6 +299,12 @@ def _resume(opts: dict, given: set[str]) -> None:
 def _report(result) -> None:  # noqa: ANN001 - a loop.RunResult
     m = result.metrics
     if not m:  # ranks other than 0 under torchrun print nothing
+        return
+    if "accuracy" not in m:  # --no-evaluate
+        click.echo(
+            f"val accuracy {m['val_accuracy']:.4f}  (best epoch {m['best_epoch']}; no test evaluation)"
+        )
+        click.echo(f"run dir: {result.run_dir}")
         return
     click.echo(
         f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "

@@ -151,6 +151,8 @@ class TrainConfig:
     freeze_epochs: int = 0
     #: show a tqdm bar per epoch (only on a TTY and on rank 0).
     progress: bool = True
+    #: at the end, evaluate checkpoint.pt on the test split: report.md, figures (evaluation.evaluate_run).
+    evaluate: bool = True
 
     def validate(self) -> None:
         """Raise ConfigError with a user-facing message for an impossible setting."""

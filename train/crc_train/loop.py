@@ -13,6 +13,7 @@ Under torchrun only rank 0 writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -43,7 +44,7 @@ __all__ = ["RunResult", "evaluate", "resolve_device", "resume", "seed_everything
 log = logging.getLogger(__name__)
 
 #: Settings ``--resume`` may change; everything else comes from the interrupted run.
-RESUMABLE_OVERRIDES = ("epochs", "device", "workers", "progress", "log_interval")
+RESUMABLE_OVERRIDES = ("epochs", "device", "workers", "progress", "log_interval", "evaluate")
 
 
 @dataclass
@@ -344,6 +345,9 @@ def _finish(
             "run_id": run_id,
         },
     )
+    if not tcfg.evaluate:
+        log.info("no test evaluation (evaluate=False): crc-train evaluate %s writes it", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     metrics = evaluate_run(run_dir, device=device.type, batch_size=max(tcfg.batch_size, 64))
     log.info(
         "test accuracy %.4f macro-F1 %.4f (best epoch %d)",
