@@ -154,3 +154,28 @@ def test_bad_recipe_flags_are_one_line_errors(args: list[str], expected: str, ca
     assert exc.value.code == 1
     err = capfd.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_bf16_autocast_on_cpu(synthetic_root: Path, tmp_path: Path) -> None:
+    result = train(_cfg(synthetic_root, tmp_path / "bf16", "late", epochs=1, amp="bf16", evaluate=False))
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and torch.isfinite(torch.tensor(metrics["val_loss"]))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a cast
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
+def test_cuda_amp_channels_last_compile(synthetic_root: Path, tmp_path: Path, amp: str) -> None:
+    out = tmp_path / amp
+    cfg = _cfg(synthetic_root, out, "attention", epochs=2, amp=amp, evaluate=False)
+    cfg.train.device, cfg.train.channels_last, cfg.train.compile = "cuda", True, amp == "bf16"
+    train(cfg)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    # resuming restores the GradScaler too and finishes the run
+    from crc_train.loop import resume
+
+    resume(out, epochs=3)
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 3
