@@ -122,7 +122,8 @@ def markdown(results: dict) -> str:
         per = ", ".join(f"batch {row['batch_size']}: {row['ratio']:.2f}x" for row in results["paired_cpu"])
         best = max(row["ratio"] for row in results["paired_cpu"])
         lines.append(
-            f"- same, interleaved A/B ({results['paired_cpu'][0]['rounds']} rounds, robust to load drift on"
+            f"- same, interleaved A/B ({results['paired_cpu'][0]['rounds']} rounds, "
+            f"{results['settings'].get('paired_threads', 'default')} threads, robust to load drift on"
             f" a shared machine): {per} (best {best:.2f}x {_verdict('ort_cpu_vs_torch_cpu', best)})"
         )
     for key in (k for k in r if k.startswith("trt_vs_")):

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "--paired-rounds", type=int, default=0,
         help="also time ort-cpu against torch eager CPU interleaved, N rounds per batch size (0: skip)",
     )  # fmt: skip
+    ap.add_argument("--paired-threads", type=int, default=None, help="threads for both in the paired run")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -244,7 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.paired_rounds:
         ort_cpu, _ = open_one("ort-cpu", bundle, run_dir)
         torch_cpu, _ = open_one("torch-eager-fp32-cpu", bundle, run_dir)
+        if args.paired_threads:  # per-core comparison: one thread each is robust to a busy machine
+            import torch
+            from crc_runtime.backends.onnxruntime import OrtBackend
+
+            torch.set_num_threads(args.paired_threads)
+            ort_cpu = OrtBackend(bundle.file("model.onnx"), intra_op_threads=args.paired_threads)
         results["paired_cpu"] = paired.paired_ratio(ort_cpu, torch_cpu, sizes, args.paired_rounds)
+        results["settings"]["paired_threads"] = args.paired_threads or "default"
         ort_cpu.close()
         torch_cpu.close()
     if args.e2e_pairs:
