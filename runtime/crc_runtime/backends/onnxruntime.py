@@ -156,7 +156,7 @@ class OrtBackend:
         hint = " (install onnxruntime-gpu: pip install 'crc-fusion[gpu]')" if self.device == "cuda" else ""
         return (
             f"device {self.device} needs onnxruntime's {provider}, which is not available{got}; "
-            f"available providers: {', '.join(available)}{hint}; or pass --device cpu"
+            f"available providers: {', '.join(available)}{hint}; or use --backend ort-cpu (--device cpu)"
         )
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
