@@ -162,17 +162,12 @@ class TrtBackend:
             shape = _free_batch(engine.get_tensor_shape(n))
             min_shape, _, max_shape = engine.get_tensor_profile_shape(n, 0)
             self.min_batch, self.max_batch = int(min_shape[0]), int(max_shape[0])
-            self.input_specs.append(
-                TensorSpec(n, self._dtype(n), tuple(d if d >= 0 else None for d in shape))
-            )
+            self.input_specs.append(TensorSpec(n, self._dtype(n), shape))
             max_shapes[n] = tuple(int(d) for d in max_shape)
             self.context.set_input_shape(n, max_shapes[n])
         # Output sizes at the profile's maximum come from the context once every input shape is set.
         for n in (n for n in names if not is_input[n]):
-            shape = tuple(engine.get_tensor_shape(n))
-            self.output_specs.append(
-                TensorSpec(n, self._dtype(n), tuple(d if d >= 0 else None for d in shape))
-            )
+            self.output_specs.append(TensorSpec(n, self._dtype(n), _free_batch(engine.get_tensor_shape(n))))
             max_shapes[n] = tuple(int(d) for d in self.context.get_tensor_shape(n))
         for spec in self.input_specs + self.output_specs:
             count = int(np.prod(max_shapes[spec.name]))
