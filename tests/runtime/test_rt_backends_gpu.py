@@ -142,6 +142,10 @@ def test_io_binding_path_matches_plain_run(tiny):
             np.testing.assert_allclose(out, tiny.logits(**inputs), rtol=1e-5, atol=1e-5)
             assert set(bound.last_timings) == {"h2d_ms", "compute_ms", "d2h_ms"}
         assert len(bound._bound) <= 2  # at most two batch sizes keep buffers
+        first = bound.infer({"pathology": ref["pathology"][:3], "radiology": ref["radiology"][:3]})["logits"]
+        kept = first.copy()
+        bound.infer({"pathology": ref["pathology"][5:8], "radiology": ref["radiology"][5:8]})
+        np.testing.assert_array_equal(first, kept)  # a returned array is the caller's, never the buffer
 
 
 @pytest.mark.gpu

@@ -211,7 +211,9 @@ class OrtBackend:
         binding.synchronize_outputs()
         t2 = time.perf_counter()
         if len(outs) == len(self.output_specs):
-            result = {name: outs[name].numpy() for name in self._output_names}
+            # On the CPU device numpy() aliases the bound buffer, which the next call overwrites.
+            copy = self._ort_device == "cpu"
+            result = {n: (outs[n].numpy().copy() if copy else outs[n].numpy()) for n in self._output_names}
         else:
             result = dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
         t3 = time.perf_counter()
