@@ -34,6 +34,11 @@ class Backend(Protocol):
         name: Short name used in reports, e.g. ``ort-cpu``.
         precision: ``fp32`` or ``fp16``.
         input_specs: The model's inputs as the engine sees them.
+
+    Optional attributes the runtime reads with ``getattr`` when present: ``device`` (``cpu`` / ``cuda``),
+    ``version`` (library and version, for reports), ``last_timings`` (milliseconds of the last
+    :meth:`infer` per stage: ``h2d_ms``, ``compute_ms``, ``d2h_ms``), ``timing_method`` (how the stages
+    were timed), ``max_batch`` (largest batch the engine takes in one call).
     """
 
     name: str
