@@ -84,10 +84,41 @@ def train_one_epoch(
     """
     ctx = ctx or DistContext()
     forward.train()
+    bar = _bar(loader, epoch, progress and ctx.is_main)
+    if bar is not None:  # log lines go above the bar instead of through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm(loggers=[logging.getLogger("crc_train")])
+    else:
+        redirect = contextlib.nullcontext()
+    with redirect:
+        total_loss, correct, seen = _epoch_steps(
+            forward, loader, optimizer, loss_fn, device, epoch, accumulation_steps, amp, scaler, ctx,
+            log_interval, bar,
+        )  # fmt: skip
+    if bar is not None:
+        bar.close()
+    total_loss, correct, seen = all_reduce_sums(ctx, [total_loss, correct, seen], device)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _epoch_steps(
+    forward,
+    loader,
+    optimizer,
+    loss_fn,
+    device,
+    epoch,
+    accumulation_steps,
+    amp,
+    scaler,
+    ctx,
+    log_interval,
+    bar,
+) -> tuple[float, int, int]:  # noqa: ANN001 - the arguments of train_one_epoch
     total_loss, correct, seen = 0.0, 0, 0
     t0, window_pairs = time.perf_counter(), 0
     n_batches = len(loader)
-    bar = _bar(loader, epoch, progress and ctx.is_main)
     optimizer.zero_grad(set_to_none=True)
     for i, (pathology, radiology, labels) in enumerate(loader, start=1):
         pathology = pathology.to(device, non_blocking=True)
@@ -130,10 +161,7 @@ def train_one_epoch(
                 optimizer.param_groups[0]["lr"],
             )
             t0, window_pairs = time.perf_counter(), 0
-    if bar is not None:
-        bar.close()
-    total_loss, correct, seen = all_reduce_sums(ctx, [total_loss, correct, seen], device)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    return total_loss, correct, seen
 
 
 @torch.no_grad()
