@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DistributedSampler, Subset
 
 from crc_train import distributed as dist_utils
 from crc_train.checkpoint import FORMAT_VERSION, save_checkpoint
@@ -33,6 +32,7 @@ from crc_train.curves import CURVES_PNG, plot_training_curves
 from crc_train.data import PairedDataset, channel_stats, load_split
 from crc_train.engine import TrainForward, evaluate, train_one_epoch
 from crc_train.errors import ConfigError
+from crc_train.launch import make_loader, resolve_device, seed_everything, wrap_forward
 from crc_train.losses import TrainLoss
 from crc_train.model import build_model
 from crc_train.pretrained import load_pretrained, set_backbones_trainable
@@ -57,54 +57,6 @@ class RunResult:
     metrics: dict[str, Any]
     #: the trained model (last epoch's weights, not the best checkpoint's), for callers and tests.
     model: torch.nn.Module | None = None
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # DataLoader workers get torch seeds from the loader's generator; derive numpy/python ones from it.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; "cuda" without a GPU is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def _loader(dataset, tcfg: TrainConfig, device: torch.device, sampler=None, shuffle=False) -> DataLoader:  # noqa: ANN001
-    generator = torch.Generator()
-    generator.manual_seed(tcfg.seed)
-    return DataLoader(
-        dataset,
-        batch_size=tcfg.batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=tcfg.workers,
-        worker_init_fn=_seed_worker,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-    )
-
-
-def _wrap(fwd: torch.nn.Module, tcfg: TrainConfig, ctx: dist_utils.DistContext, device: torch.device):  # noqa: ANN202
-    """DDP around the forward (built anew when the set of trainable parameters changes), then compile."""
-    wrapped = fwd
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(wrapped) if tcfg.compile else wrapped
 
 
 def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
@@ -158,8 +110,8 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
     if ctx.enabled:
         sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=tcfg.seed)
         val_set = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))  # no padding duplicates
-    train_loader = _loader(train_set, tcfg, device, sampler=sampler, shuffle=True)
-    val_loader = _loader(val_set, tcfg, device)
+    train_loader = make_loader(train_set, tcfg, device, sampler=sampler, shuffle=True)
+    val_loader = make_loader(val_set, tcfg, device)
 
     # ---- run dir (rank 0 decides, every rank learns it)
     run_dir, run_id = None, None
@@ -227,7 +179,7 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
         if frozen is not (epoch <= tcfg.freeze_epochs) or forward is None:
             frozen = epoch <= tcfg.freeze_epochs
             set_backbones_trainable(model, not frozen)
-            forward = _wrap(fwd, tcfg, ctx, device)
+            forward = wrap_forward(fwd, tcfg, ctx, device)
             if frozen:
                 log.info("epoch %d: backbones frozen (until epoch %d)", epoch, tcfg.freeze_epochs)
         if sampler is not None:
