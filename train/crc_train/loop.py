@@ -92,6 +92,10 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
     cfg.validate()
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
+    if tcfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"--amp fp16 needs a CUDA device, and this run is on {device}; use --amp bf16 or off"
+        )
     ctx = dist_utils.init_from_env(device)
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
