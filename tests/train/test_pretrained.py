@@ -86,3 +86,16 @@ def test_freeze_then_unfreeze(resnet18_file, synthetic_root: Path, tmp_path: Pat
         thawed.radiology.conv1.weight, _expected("conv1.weight", state["conv1.weight"], 3, True)
     )
     assert not torch.equal(thawed.head[1].weight, head_after_1)
+
+
+def test_missing_weights_fail_before_the_run_dir_exists(synthetic_root: Path, tmp_path: Path) -> None:
+    cfg = RunConfig(
+        model=ModelConfig(
+            backbone="resnet18", fusion="late", image_size=28, pretrained=str(tmp_path / "no.pth")
+        ),
+        data=DataConfig(source="medmnist", root=str(synthetic_root), max_train_pairs=8),
+        train=TrainConfig(epochs=1, device="cpu", progress=False, out=str(tmp_path / "run")),
+    )
+    with pytest.raises(ConfigError, match="not found"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

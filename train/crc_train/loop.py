@@ -35,7 +35,7 @@ from crc_train.errors import ConfigError
 from crc_train.launch import make_loader, resolve_device, seed_everything, wrap_forward
 from crc_train.losses import TrainLoss
 from crc_train.model import build_model
-from crc_train.pretrained import load_pretrained, set_backbones_trainable
+from crc_train.pretrained import load_pretrained, set_backbones_trainable, source_state_dict
 from crc_train.resume import Progress, capture_rng, load_last, restore_rng, save_last
 from crc_train.rundir import default_run_dir, write_json, write_metrics_csv
 
@@ -102,8 +102,8 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
     if not ctx.is_main:
         logging.getLogger("crc_train").setLevel(logging.WARNING)
     pretrained = cfg.model.pretrained if resume_state is None else None
-    if pretrained and pretrained != "imagenet" and not Path(pretrained).expanduser().is_file():
-        raise ConfigError(f"--pretrained: {pretrained} not found (give 'imagenet' or a saved state dict)")
+    # read (or download) the weights before anything is written: a failure leaves no run dir behind
+    pretrained_state = source_state_dict(pretrained, cfg.model.backbone) if pretrained else None
 
     # ---- data (before the run dir exists, so a data error leaves nothing behind)
     splits = {name: load_split(cfg.data, name) for name in ("train", "val")}
@@ -134,7 +134,7 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
     seed_everything(tcfg.seed)
     model = build_model(cfg.model, normalization)
     if pretrained:
-        load_pretrained(model, pretrained, cfg.model.backbone)
+        load_pretrained(model, pretrained, cfg.model.backbone, pretrained_state)
     model = model.to(device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -87,13 +87,22 @@ def branches(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def load_pretrained(model: nn.Module, source: str, backbone: str) -> None:
+def load_pretrained(
+    model: nn.Module, source: str, backbone: str, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Load ``source`` (see ``source_state_dict``) into every branch of ``model`` in place.
+
+    Args:
+        model: a FusionNet.
+        source: "imagenet" or a path (also names the weights in messages).
+        backbone: the branches' architecture.
+        state: the already loaded state dict of ``source`` (read here when None).
 
     Raises:
         ConfigError: the weights do not fit ``backbone`` (names or shapes differ).
     """
-    state = source_state_dict(source, backbone)
+    if state is None:
+        state = source_state_dict(source, backbone)
     for name, net in branches(model).items():
         adapted = adapt_state_dict(state, net)
         try:
