@@ -68,5 +68,7 @@ def wrap_forward(
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        # A 1x1 conv fed channels_last activations gets a gradient whose size-1 dims carry other strides
+        # than the parameter; DDP warns once ("Grad strides do not match bucket view strides") and copies.
         wrapped = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(wrapped) if tcfg.compile else wrapped
