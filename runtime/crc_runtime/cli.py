@@ -165,7 +165,6 @@ def run_command(
         folder_run_report,
         format_latency,
         format_latency_table,
-        per_pair,
         summarize,
         throughput,
     )
@@ -247,7 +246,9 @@ def run_command(
         f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
     )
     lat = summarize(result.batch_seconds)
-    pair_p50 = per_pair(lat, batch_size)["median_ms"]
+    # Per pair from the report, which divides each batch's time by the pairs it really held (the last
+    # batch is usually short), not by --batch-size.
+    pair_p50 = run_report["latency"]["per_pair"]["median_ms"]
     click.echo(
         f"model latency per batch: {format_latency(lat)}; {pair_p50:.3f} ms per pair at p50 "
         f"({backend.name} {backend.version}, {artifact['file']}, device {backend.device}, "

@@ -39,11 +39,6 @@ def summarize(seconds: list[float]) -> dict:
     }
 
 
-def per_pair(summary: dict, batch_size: int) -> dict:
-    """A per-batch summary divided by the batch size (milliseconds per pair)."""
-    return {k: (v / batch_size if k.endswith("_ms") else v) for k, v in summary.items()}
-
-
 def throughput(pairs: int, seconds: float) -> float:
     """Pairs per second (NaN for a zero or negative duration)."""
     return pairs / seconds if seconds > 0 else float("nan")

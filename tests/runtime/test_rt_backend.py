@@ -9,7 +9,7 @@ from crc_runtime.backends.base import Backend, TensorSpec, check_inputs
 from crc_runtime.backends.onnxruntime import OrtBackend, resolve_device
 from crc_runtime.bundle import load_bundle
 from crc_runtime.errors import BackendError, UserError
-from crc_runtime.timing import format_latency, per_pair, summarize, throughput
+from crc_runtime.timing import format_latency, summarize, throughput
 from crc_runtime.validate import (
     DEFAULT_THRESHOLDS,
     compare_logits,
@@ -140,7 +140,6 @@ def test_summarize_known_numbers():
     assert s["mean_ms"] == pytest.approx(4.0) and s["median_ms"] == pytest.approx(3.0)
     assert s["p90_ms"] == pytest.approx(7.6) and s["p95_ms"] == pytest.approx(8.8)
     assert s["p99_ms"] == pytest.approx(9.76)
-    assert per_pair(s, 4)["mean_ms"] == pytest.approx(1.0) and per_pair(s, 4)["count"] == 5
     assert throughput(100, 2.0) == 50.0
     assert format_latency(s) == "p50 3.00 ms  p95 8.80 ms  p99 9.76 ms"
     assert summarize([])["count"] == 0
