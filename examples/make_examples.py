@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 SPLIT_SIZES = {"train": 700, "val": 150, "test": 150}
 SEED = 20261123
 
@@ -50,8 +49,12 @@ def _sample_organamnist(organ: np.lib.npyio.NpzFile, rng: np.random.Generator) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pathmnist", required=True, type=Path, help="PathMNIST 28-px npz (train split used)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--pathmnist", required=True, type=Path, help="PathMNIST 28-px npz (train split used)"
+    )
     parser.add_argument("--organamnist", required=True, type=Path, help="OrganAMNIST 28-px npz")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()
@@ -79,8 +82,12 @@ def main() -> None:
         for k, i in enumerate(np.flatnonzero(test_labels == cls)[:2]):
             pair_id = f"{classes[cls].replace(' ', '-')}-{k + 1}"
             j = int(rng.integers(len(organ_split["test_images"])))
-            Image.fromarray(path_split["test_images"][i], "RGB").save(pairs_dir / "pathology" / f"{pair_id}.png")
-            Image.fromarray(organ_split["test_images"][j], "L").save(pairs_dir / "radiology" / f"{pair_id}.png")
+            Image.fromarray(path_split["test_images"][i], "RGB").save(
+                pairs_dir / "pathology" / f"{pair_id}.png"
+            )
+            Image.fromarray(organ_split["test_images"][j], "L").save(
+                pairs_dir / "radiology" / f"{pair_id}.png"
+            )
             rows.append([pair_id, f"pathology/{pair_id}.png", f"radiology/{pair_id}.png", classes[cls]])
     with open(pairs_dir / "pairs.csv", "w", newline="") as f:
         writer = csv.writer(f)

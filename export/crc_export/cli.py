@@ -245,8 +245,15 @@ def export_command(run_dir, bundle, verbose, **opts):
         sys.exit(1)
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
 def main() -> None:
-    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+    missing = [name for name in REQUIRED_MODULES if not _importable(name)]
     if missing:
         click.echo(f"{EXTRA_HINT} (missing: {', '.join(missing)})", err=True)
         sys.exit(1)

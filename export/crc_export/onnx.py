@@ -96,8 +96,10 @@ def check_onnx(path: str | Path) -> None:
     outputs = [o.name for o in model.graph.output]
     missing = [name for name in INPUT_NAMES if name not in inputs]
     if missing or outputs[: len(OUTPUT_NAMES)] != list(OUTPUT_NAMES):
-        raise RuntimeError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
-                           f"found {list(inputs)} and {outputs}")
+        raise RuntimeError(
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
+            f"found {list(inputs)} and {outputs}"
+        )
     for name in INPUT_NAMES:
         tensor_type = inputs[name].type.tensor_type
         if tensor_type.elem_type != onnx.TensorProto.UINT8:

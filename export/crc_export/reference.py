@@ -13,7 +13,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def torch_logits(model: torch.nn.Module, pathology: np.ndarray, radiology: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def torch_logits(
+    model: torch.nn.Module, pathology: np.ndarray, radiology: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
     """FP32 logits of ``model`` on uint8 NHWC arrays, computed in eval mode on the CPU."""
     model = model.eval().float().cpu()
     chunks = []
@@ -24,7 +26,9 @@ def torch_logits(model: torch.nn.Module, pathology: np.ndarray, radiology: np.nd
     return np.concatenate(chunks).astype(np.float32)
 
 
-def build_reference(model: torch.nn.Module, split, n_pairs: int, batch_size: int = 64) -> dict[str, np.ndarray]:
+def build_reference(
+    model: torch.nn.Module, split, n_pairs: int, batch_size: int = 64
+) -> dict[str, np.ndarray]:
     """Take the first ``n_pairs`` pairs of ``split`` and attach PyTorch FP32 logits.
 
     Args:

@@ -18,7 +18,9 @@ BIN = Path(sys.executable).parent
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -30,7 +32,7 @@ def write_pairs_folder(reference: Path, folder: Path, classes: list[str]) -> int
     for sub in ("pathology", "radiology"):
         (folder / sub).mkdir(parents=True)
     rows = []
-    for i, (p, r, y) in enumerate(zip(pathology, radiology, labels)):
+    for i, (p, r, y) in enumerate(zip(pathology, radiology, labels, strict=True)):
         Image.fromarray(p, "RGB").save(folder / "pathology" / f"case{i:03d}.png")
         Image.fromarray(r[..., 0], "L").save(folder / "radiology" / f"case{i:03d}.png")
         rows.append([f"case{i:03d}", f"pathology/case{i:03d}.png", f"radiology/case{i:03d}.png", classes[y]])
@@ -40,17 +42,42 @@ def write_pairs_folder(reference: Path, folder: Path, classes: list[str]) -> int
 
 
 def test_train_export_infer_validate(tmp_path):
-    run("crc-train", "--data-source", "synthetic", "--data-root", str(tmp_path / "data"), "--size", "28",
-        "--backbone", "resnet18", "--fusion", "attention", "--epochs", "1", "--batch-size", "32",
-        "--max-train-pairs", "64", "--seed", "0", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet",
-        cwd=tmp_path)
+    run(
+        "crc-train",
+        "--data-source",
+        "synthetic",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--size",
+        "28",
+        "--backbone",
+        "resnet18",
+        "--fusion",
+        "attention",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--max-train-pairs",
+        "64",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        cwd=tmp_path,
+    )
     run_dir = tmp_path / "run"
     for name in ("config.json", "checkpoint.pt", "metrics.csv", "metrics.json", "test_predictions.npz"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_test"] > 0 and 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
 
-    export = run("crc-export", str(run_dir), "-o", str(tmp_path / "bundle"), "--parity-pairs", "20", cwd=tmp_path)
+    export = run(
+        "crc-export", str(run_dir), "-o", str(tmp_path / "bundle"), "--parity-pairs", "20", cwd=tmp_path
+    )
     assert export.stdout.strip().splitlines()[-1] == "PASSED"
     bundle = tmp_path / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -58,7 +85,9 @@ def test_train_export_infer_validate(tmp_path):
         assert (bundle / name).is_file(), name
 
     n = write_pairs_folder(bundle / "reference.npz", tmp_path / "pairs", manifest["classes"])
-    infer = run("crc-infer", str(tmp_path / "pairs"), "--bundle", str(bundle), "--batch-size", "8", cwd=tmp_path)
+    infer = run(
+        "crc-infer", str(tmp_path / "pairs"), "--bundle", str(bundle), "--batch-size", "8", cwd=tmp_path
+    )
     with open(tmp_path / "pairs" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from crc_export.build import ExportConfig, build_bundle
 from crc_export.cli import export_command
 from crc_runtime.bundle import load_bundle, sha256_file
@@ -33,8 +32,12 @@ def test_bundle_files_and_manifest(bundle, tiny_run):
     assert manifest["files"] == {name: sha256_file(bundle / name) for name in ("model.onnx", "reference.npz")}
     ckpt = load_checkpoint(tiny_run / "checkpoint.pt")
     assert manifest["classes"] == ckpt["classes"]
-    assert manifest["model"] == {"architecture": "dual-resnet", "backbone": "resnet18", "fusion": "attention",
-                                 "image_size": 28}
+    assert manifest["model"] == {
+        "architecture": "dual-resnet",
+        "backbone": "resnet18",
+        "fusion": "attention",
+        "image_size": 28,
+    }
     assert manifest["resize"]["filter"] == "BILINEAR" and manifest["resize"]["size"] == [28, 28]
     assert manifest["reference"]["pairs"] == 24
     assert manifest["provenance"]["run_id"] == ckpt["run_id"]
@@ -62,7 +65,7 @@ def test_onnx_is_uint8_nhwc_with_dynamic_batch(bundle, tiny_run):
     graph = onnx.load(str(bundle / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["pathology", "radiology"]
     assert [o.name for o in graph.output] == ["logits"]
-    for inp, channels in zip(graph.input, (3, 1)):
+    for inp, channels in zip(graph.input, (3, 1), strict=True):
         dims = inp.type.tensor_type.shape.dim
         assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
         assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [28, 28, channels]
@@ -109,8 +112,19 @@ def test_cli_exit_codes(tiny_run, tmp_path):
     from click.testing import CliRunner
 
     runner = CliRunner()
-    ok = runner.invoke(export_command, [str(tiny_run), "-o", str(tmp_path / "b"), "--parity-pairs", "8",
-                                        "--exporter", "torchscript", "--no-fp16"])
+    ok = runner.invoke(
+        export_command,
+        [
+            str(tiny_run),
+            "-o",
+            str(tmp_path / "b"),
+            "--parity-pairs",
+            "8",
+            "--exporter",
+            "torchscript",
+            "--no-fp16",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert ok.output.strip().splitlines()[-1] == "PASSED"
     again = runner.invoke(export_command, [str(tiny_run), "-o", str(tmp_path / "b"), "--no-fp16"])
@@ -129,8 +143,6 @@ def test_missing_extra_is_one_line():
         "        if name.split('.')[0] == 'torch':\n"
         "            raise ImportError('blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import importlib.util\n"
-        "importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == 'torch' else __import__('importlib.machinery').machinery.PathFinder.find_spec(name)\n"
         "sys.argv = ['crc-export', 'run', '-o', 'b']\n"
         "from crc_export.cli import main\n"
         "main()\n"
