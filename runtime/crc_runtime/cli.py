@@ -58,6 +58,13 @@ THREADS = click.option(
     default=None,
     help="onnxruntime intra-op threads (default: onnxruntime decides).",
 )
+BUNDLE = click.option(
+    "--bundle",
+    "bundle_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder written by crc-export.",
+)
 VERBOSE = click.option("-v", "--verbose", is_flag=True, help="Log what the runtime does.")
 BACKEND = click.option(
     "--backend",
@@ -101,13 +108,7 @@ def cli() -> None:
 
 @cli.command(DEFAULT_COMMAND)
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option(
-    "--bundle",
-    "bundle_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Bundle folder written by crc-export.",
-)
+@BUNDLE
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per model call."
 )
@@ -278,13 +279,7 @@ def _write_report(path: Path, report: dict) -> None:
 
 
 @cli.command("bench")
-@click.option(
-    "--bundle",
-    "bundle_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Bundle folder written by crc-export.",
-)
+@BUNDLE
 @click.option(
     "--batch-sizes", default="1,8,32,64,128,256", show_default=True, help="Comma-separated batch sizes."
 )

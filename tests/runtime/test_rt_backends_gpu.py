@@ -234,3 +234,39 @@ def test_trt_backend_parity_timings_and_auto(bundle_copy, edit_manifest, tiny, g
     result = CliRunner().invoke(cli, [str(tiny.csv_dir), "--bundle", str(bundle_copy), "--output",
                                       str(bundle_copy.parent / "p.csv")])  # fmt: skip
     assert result.exit_code == 0 and "backend: trt" in result.output and "h2d" in result.output
+
+
+def test_cuda_objects_free_once_even_when_the_free_fails(monkeypatch):
+    """close() and garbage collection free a CUDA object exactly once; a failed free is not retried."""
+    from crc_runtime.backends import cuda
+
+    calls = []
+
+    class Runtime:  # stands in for cuda.bindings.runtime: only the free calls the objects make
+        def cudaFree(self, ptr):
+            calls.append(("cudaFree", ptr))
+            return (0,)
+
+        def cudaGraphExecDestroy(self, handle):
+            calls.append(("cudaGraphExecDestroy", handle))
+            return (1,)  # an error code: close() raises, __del__ must not try again
+
+        def cudaGraphDestroy(self, handle):
+            calls.append(("cudaGraphDestroy", handle))
+            return (0,)
+
+        def cudaGetErrorString(self, err):
+            return (0, b"invalid value")
+
+    monkeypatch.setattr(cuda, "cudart", lambda: Runtime())
+    buffer = cuda.DeviceBuffer.__new__(cuda.DeviceBuffer)
+    buffer.ptr = 1234
+    buffer.close()
+    buffer.close()
+    del buffer
+    graph = cuda.Graph("graph", "exec")
+    with pytest.raises(cuda.BackendError, match="cudaGraphExecDestroy failed"):
+        graph.close()
+    graph.close()  # the graph itself is still freed; the failed exec is not retried
+    del graph
+    assert calls == [("cudaFree", 1234), ("cudaGraphExecDestroy", "exec"), ("cudaGraphDestroy", "graph")]

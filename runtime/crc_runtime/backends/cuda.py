@@ -98,7 +98,27 @@ def cuda_available() -> tuple[bool, str]:
     return True, f"{info['name']} (sm {info['compute_capability']})"
 
 
-class Stream:
+class _Owned:
+    """A CUDA object freed by ``close()``, and at garbage collection as a last resort."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _free(self, attr: str, api: str) -> None:
+        """Free ``self.<attr>`` with ``cudart().<api>`` once (cleared first, so never twice)."""
+        handle = getattr(self, attr, None)
+        if handle is not None:
+            setattr(self, attr, None)
+            check(getattr(cudart(), api)(handle), api)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver may already be gone
+            pass
+
+
+class Stream(_Owned):
     """One CUDA stream (non-blocking with respect to the legacy default stream)."""
 
     def __init__(self) -> None:
@@ -109,18 +129,10 @@ class Stream:
         check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def close(self) -> None:
-        if getattr(self, "handle", None) is not None:
-            check(cudart().cudaStreamDestroy(self.handle), "cudaStreamDestroy")
-            self.handle = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the driver may already be gone
-            pass
+        self._free("handle", "cudaStreamDestroy")
 
 
-class Event:
+class Event(_Owned):
     """A CUDA event for timing work on a stream."""
 
     def __init__(self) -> None:
@@ -134,18 +146,10 @@ class Event:
         return float(check(cudart().cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime"))
 
     def close(self) -> None:
-        if getattr(self, "handle", None) is not None:
-            check(cudart().cudaEventDestroy(self.handle), "cudaEventDestroy")
-            self.handle = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._free("handle", "cudaEventDestroy")
 
 
-class DeviceBuffer:
+class DeviceBuffer(_Owned):
     """``nbytes`` of device memory, allocated once."""
 
     def __init__(self, nbytes: int) -> None:
@@ -153,18 +157,10 @@ class DeviceBuffer:
         self.ptr = check(cudart().cudaMalloc(max(self.nbytes, 1)), f"cudaMalloc({self.nbytes})")
 
     def close(self) -> None:
-        if getattr(self, "ptr", None) is not None:
-            check(cudart().cudaFree(self.ptr), "cudaFree")
-            self.ptr = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._free("ptr", "cudaFree")
 
 
-class PinnedBuffer:
+class PinnedBuffer(_Owned):
     """Page-locked host memory seen as a flat numpy array of ``dtype`` (so copies can be async)."""
 
     def __init__(self, count: int, dtype: np.dtype | str) -> None:
@@ -179,16 +175,8 @@ class PinnedBuffer:
         return self.array[: int(np.prod(shape))].reshape(shape)
 
     def close(self) -> None:
-        if getattr(self, "ptr", None) is not None:
-            self.array = None
-            check(cudart().cudaFreeHost(self.ptr), "cudaFreeHost")
-            self.ptr = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.array = None  # no numpy view may outlive the pinned memory
+        self._free("ptr", "cudaFreeHost")
 
 
 def copy_htod_async(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
@@ -205,7 +193,7 @@ def copy_dtoh_async(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: S
     check(rt.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, kind, stream.handle), "cudaMemcpyAsync D2H")
 
 
-class Graph:
+class Graph(_Owned):
     """A captured and instantiated CUDA graph: ``launch(stream)`` replays the captured work."""
 
     def __init__(self, graph: Any, exec_handle: Any) -> None:
@@ -228,16 +216,5 @@ class Graph:
         check(cudart().cudaGraphLaunch(self._exec, stream.handle), "cudaGraphLaunch")
 
     def close(self) -> None:
-        rt = cudart()
-        if getattr(self, "_exec", None) is not None:
-            check(rt.cudaGraphExecDestroy(self._exec), "cudaGraphExecDestroy")
-            self._exec = None
-        if getattr(self, "_graph", None) is not None:
-            check(rt.cudaGraphDestroy(self._graph), "cudaGraphDestroy")
-            self._graph = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._free("_exec", "cudaGraphExecDestroy")
+        self._free("_graph", "cudaGraphDestroy")
