@@ -24,6 +24,8 @@ crc-infer validate demo-out/bundle
 
 cat <<'MSG'
 
-Done. The demo trained on 700 real pairs only. For the full datasets (downloaded by medmnist, ~GBs at 64 px):
-  crc-train --download --data-root ~/.medmnist --size 64 --backbone resnet50 --fusion attention --out runs/paper
+Done: demo-out/run (metrics.json, report.md, figures), demo-out/bundle, demo-out/predictions.csv.
+The demo trained on 700 real pairs only. For the paper's recipe on the full datasets (medmnist downloads
+them into ~/.medmnist; a GPU is recommended):
+  .venv/bin/crc-train --preset paper --download --out runs/paper
 MSG
