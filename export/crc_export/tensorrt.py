@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from crc_runtime.backends.tensorrt import make_trt_logger, tensorrt_release
 from crc_runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -87,28 +88,7 @@ def engine_file_name(gpu_name: str, compute_capability: str, trt_version: str) -
     """
     slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
     sm = "sm" + compute_capability.replace(".", "")
-    release = ".".join(str(trt_version).split(".")[:3])  # engines are tied to major.minor.patch
-    return f"{slug}_{sm}_trt{release}.plan"
-
-
-def _make_logger(trt):
-    """A ``trt.ILogger`` that sends the builder's messages to this module's logger."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg) -> None:
-            sev = trt.ILogger.Severity
-            # TensorRT's INFO is a build diary (tactics, layers): DEBUG here, so -v stays readable.
-            levels = {
-                sev.INTERNAL_ERROR: logging.ERROR,
-                sev.ERROR: logging.ERROR,
-                sev.WARNING: logging.WARNING,
-            }
-            log.log(levels.get(severity, logging.DEBUG), "TensorRT: %s", msg)
-
-    return _Logger()
+    return f"{slug}_{sm}_trt{tensorrt_release(trt_version)}.plan"
 
 
 def strongly_typed_flags(trt) -> int:
@@ -186,7 +166,7 @@ def build_engine(
     cuda.check(cuda.cudart().cudaSetDevice(cfg.device), "cudaSetDevice")
     name = engine_file_name(gpu["name"], gpu["compute_capability"], trt.__version__)
     cache_name = name.removesuffix(".plan") + ".timing.cache"
-    logger = _make_logger(trt)
+    logger = make_trt_logger(trt, log)
 
     builder = trt.Builder(logger)
     network = builder.create_network(strongly_typed_flags(trt))

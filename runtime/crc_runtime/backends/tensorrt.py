@@ -48,9 +48,9 @@ def import_tensorrt():
     return trt
 
 
-def _release(version: str) -> tuple[str, ...]:
-    """``10.8.0.43`` -> ("10", "8", "0"): engines are tied to major.minor.patch."""
-    return tuple(str(version).split(".")[:3])
+def tensorrt_release(version: str) -> str:
+    """``10.8.0.43`` -> ``10.8.0``: engines are tied to major.minor.patch (used in engine names too)."""
+    return ".".join(str(version).split(".")[:3])
 
 
 def engine_mismatches(record: dict | None, device: dict, trt_version: str) -> list[str]:
@@ -70,7 +70,7 @@ def engine_mismatches(record: dict | None, device: dict, trt_version: str) -> li
         reasons.append(f"built for compute capability {want_cc}, this GPU is {device['compute_capability']}")
     if want_gpu != device["name"]:
         reasons.append(f"built on {want_gpu!r}, this GPU is {device['name']!r}")
-    if want_trt is None or _release(want_trt) != _release(trt_version):
+    if want_trt is None or tensorrt_release(want_trt) != tensorrt_release(trt_version):
         reasons.append(f"built with TensorRT {want_trt}, this is TensorRT {trt_version}")
     return reasons
 
@@ -80,17 +80,20 @@ def _free_batch(dims) -> tuple[int | None, ...]:
     return tuple(int(d) if int(d) >= 0 else None for d in dims)
 
 
-def _make_logger(trt):
-    class _Logger(trt.ILogger):
-        """Routes TensorRT's messages into Python logging."""
+def make_trt_logger(trt, logger: logging.Logger = log):
+    """A ``trt.ILogger`` that routes TensorRT's messages into ``logger``.
 
+    TensorRT's INFO is a build diary (tactics, layers), so it goes to DEBUG and ``-v`` stays readable.
+    """
+
+    class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg) -> None:
             S = trt.ILogger.Severity
             level = {S.INTERNAL_ERROR: logging.ERROR, S.ERROR: logging.ERROR, S.WARNING: logging.WARNING}
-            log.log(level.get(severity, logging.DEBUG), "TensorRT: %s", msg)
+            logger.log(level.get(severity, logging.DEBUG), "TensorRT: %s", msg)
 
     return _Logger()
 
@@ -131,7 +134,7 @@ class TrtBackend:
         self.precision, self.cuda_graphs = precision, cuda_graphs
         self.device = "cuda"
         self.version = f"TensorRT {trt.__version__}"
-        self._logger = _make_logger(trt)
+        self._logger = make_trt_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
