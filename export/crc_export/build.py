@@ -117,21 +117,14 @@ def _engine_artifact(
         "timing_cache": built["timing_cache"],
     }
     try:
-        logits, skipped = engine_logits(
-            work / built["file"], built["engine"], ref, cfg.batch_size, cfg.trt.device
-        )
+        logits = engine_logits(work / built["file"], built["engine"], ref, cfg.batch_size, cfg.trt.device)
     except UserError as exc:  # an engine the runtime cannot load or run is a failed artifact, not a crash
         art.update(
             usable=False, parity={"backend": "trt", "passed": False, "reasons": [f"cannot run: {exc}"]}
         )
         return art
-    if skipped is not None:
-        # Not verified is not usable; it does not fail the export, which built what was asked.
-        log.warning("%s: %s", built["file"], skipped)
-        art.update(usable=False, parity={"backend": "trt", "passed": None, "reasons": [skipped]})
-    else:
-        parity = parity_entry("trt", ref, logits, "fp16", cfg.thresholds)
-        art.update(usable=parity["passed"], parity=parity)
+    parity = parity_entry("trt", ref, logits, "fp16", cfg.thresholds)
+    art.update(usable=parity["passed"], parity=parity)
     return art
 
 
@@ -214,8 +207,7 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    # An artifact whose parity could not be run (no TensorRT backend) is unusable but not a failure.
-    passed = all(a["parity"]["passed"] is not False for a in artifacts)
+    passed = all(a["parity"]["passed"] for a in artifacts)
     if cfg.triton is not None:
         max_batch = cfg.triton_max_batch or (
             cfg.trt.max_batch if cfg.trt is not None else TrtConfig.max_batch

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from crc_runtime.backends.onnxruntime import OrtBackend
 from crc_runtime.errors import UserError
-from crc_runtime.validate import compare_logits, gate, passing_thresholds
+from crc_runtime.validate import parity_row, run_reference
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,7 @@ def parity_entry(
     limits = thresholds.get(precision)
     if limits is None:
         raise UserError(f"no parity thresholds for precision {precision!r}; known: {sorted(thresholds)}")
-    metrics = compare_logits(ref["logits"], ref["labels"], logits)
-    passed, reasons = gate(metrics, precision, limits)
-    return {
-        "backend": backend_name,
-        **metrics,
-        "passed": passed,
-        "reasons": reasons,
-        "thresholds": limits,
-        "would_pass_with": passing_thresholds(metrics, limits),
-    }
+    return {"backend": backend_name, **parity_row(ref, logits, precision, limits)}
 
 
 def run_onnx(
@@ -47,13 +38,9 @@ def run_onnx(
     """Logits of an ONNX file on onnxruntime (``device``: cpu, cuda or auto), and the backend's name."""
     backend = OrtBackend(model_path, device=device, precision=precision)
     try:
-        chunks = []
-        for start in range(0, len(ref["labels"]), batch_size):
-            batch = {name: ref[name][start : start + batch_size] for name in ("pathology", "radiology")}
-            chunks.append(backend.infer(batch)["logits"])
+        return run_reference(backend, ref, batch_size), backend.name
     finally:
         backend.close()
-    return np.concatenate(chunks), backend.name
 
 
 def onnx_artifact(

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from crc_runtime.backends.tensorrt import make_trt_logger, tensorrt_release
+from crc_runtime.backends.tensorrt import TrtBackend, make_trt_logger, tensorrt_release
 from crc_runtime.errors import UserError
+from crc_runtime.validate import run_reference
 
 log = logging.getLogger(__name__)
 
@@ -228,25 +229,11 @@ def build_engine(
 def engine_logits(engine_path: Path, record: dict, ref: dict, batch_size: int, device: int = 0):
     """Logits of an engine on the reference set through the runtime's TensorRT backend.
 
-    Returns:
-        ``(logits, None)``; ``(None, reason)`` when the runtime has no TensorRT backend to run it.
-
     Raises:
         UserError: the backend refused or failed to run the engine (the caller records it as a failure).
     """
-    import numpy as np
-
-    try:
-        from crc_runtime.backends.tensorrt import TrtBackend
-    except ImportError as exc:  # the runtime's backend is optional: say so instead of guessing
-        return None, f"parity not run: crc_runtime.backends.tensorrt is not available ({exc})"
     backend = TrtBackend(engine_path, record, precision="fp16", device=device)
     try:
-        step = min(batch_size, backend.max_batch)
-        chunks = [
-            backend.infer({k: ref[k][i : i + step] for k in ("pathology", "radiology")})["logits"]
-            for i in range(0, len(ref["labels"]), step)
-        ]
+        return run_reference(backend, ref, min(batch_size, backend.max_batch))
     finally:
         backend.close()
-    return np.concatenate(chunks), None

@@ -17,7 +17,7 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"min_top1_agreement": 1.0, "max_abs_diff": 1e-3},
     "fp16": {"min_top1_agreement": 0.995, "max_accuracy_delta": 0.005},
 }
-_ORT_INPUTS = ("pathology", "radiology")
+REFERENCE_INPUTS = ("pathology", "radiology")
 
 
 def compare_logits(reference_logits: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict:
@@ -105,6 +105,33 @@ def gate(metrics: dict, precision: str, thresholds: dict | None = None) -> tuple
     return not reasons, reasons
 
 
+def run_reference(backend, ref: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """Logits of ``backend`` on the reference set's inputs, ``batch_size`` pairs per call."""
+    chunks = [
+        backend.infer({k: ref[k][i : i + batch_size] for k in REFERENCE_INPUTS})["logits"]
+        for i in range(0, len(ref["labels"]), batch_size)
+    ]
+    return np.concatenate(chunks)
+
+
+def parity_row(ref: dict[str, np.ndarray], logits: np.ndarray, precision: str, limits: dict) -> dict:
+    """Metrics of ``logits`` against the reference's PyTorch logits, gated on ``limits``.
+
+    Returns:
+        The metrics of :func:`compare_logits` plus passed, reasons, thresholds and would_pass_with: the
+        parity entry crc-export records in the manifest and ``crc-infer validate`` prints.
+    """
+    metrics = compare_logits(ref["logits"], ref["labels"], logits)
+    passed, reasons = gate(metrics, precision, limits)
+    return {
+        **metrics,
+        "passed": passed,
+        "reasons": reasons,
+        "thresholds": limits,
+        "would_pass_with": passing_thresholds(metrics, limits),
+    }
+
+
 def validate_bundle(
     bundle: Bundle,
     device: str = "cpu",
@@ -136,25 +163,13 @@ def validate_bundle(
                 bundle.file(name), device=device, intra_op_threads=intra_op_threads, precision=precision
             )
             try:
-                chunks = [
-                    backend.infer({k: ref[k][i : i + batch_size] for k in _ORT_INPUTS})["logits"]
-                    for i in range(0, len(ref["labels"]), batch_size)
-                ]
+                logits = run_reference(backend, ref, batch_size)
             finally:
                 backend.close()
-            metrics = compare_logits(ref["logits"], ref["labels"], np.concatenate(chunks))
             limits = thresholds.get(precision)
             if limits is None:
                 raise BundleError(f"{bundle.path / name}: no parity thresholds for precision {precision!r}")
-            passed, reasons = gate(metrics, precision, limits)
-            row.update(
-                metrics,
-                backend=backend.name,
-                passed=passed,
-                reasons=reasons,
-                thresholds=limits,
-                would_pass_with=passing_thresholds(metrics, limits),
-            )
+            row.update(parity_row(ref, logits, precision, limits), backend=backend.name)
         log.info("%s: %s", name, row)
         rows.append(row)
     return rows
