@@ -7,9 +7,7 @@ Keys: ``format_version`` (1), ``model_config`` (dict), ``state_dict``, ``classes
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from crc_train.errors import CheckpointError
 from crc_train.model import FusionNet, ModelConfig, build_model
+from crc_train.rundir import atomic_path
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "load_checkpoint", "model_from_checkpoint", "save_checkpoint"]
 
@@ -41,14 +40,8 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` atomically: a temp file in the same folder, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

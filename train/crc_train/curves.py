@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from crc_train.rundir import atomic_path
 
 __all__ = ["CURVES_PNG", "plot_training_curves"]
 
@@ -48,13 +48,8 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = ""
             ax.set_xticks(epochs if len(epochs) <= 15 else ax.get_xticks())
     if title:
         fig.suptitle(title + ("   (dotted: learning-rate drop)" if len(set(col["lr"])) > 1 else ""))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)

@@ -14,8 +14,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from crc_train.errors import UserError
 from crc_train.metrics import classification_metrics
 from crc_train.plots import plot_confusion_matrix, plot_roc_curves, plot_tsne, tsne_embedding
 from crc_train.report import render_run_report
-from crc_train.rundir import write_json
+from crc_train.rundir import atomic_path, write_json, write_text_atomic
 
 __all__ = ["FIGURES", "RunDirError", "evaluate_run", "predict", "read_predictions", "write_predictions"]
 
@@ -92,14 +90,8 @@ def _fingerprint(split: PairedSplit) -> str:
 
 def write_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """test_predictions.npz atomically, no pickled objects."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_predictions(run_dir: Path) -> dict[str, Any]:
@@ -226,8 +218,7 @@ def evaluate_run(
     _figures(run_dir, labels, probs, out["features"], metrics, classes, result, tsne_max_points)
     write_json(run_dir / "metrics.json", result)
     report = render_run_report(result, config)
-    (run_dir / ".report.md.tmp").write_text(report, encoding="utf-8")
-    os.replace(run_dir / ".report.md.tmp", run_dir / "report.md")
+    write_text_atomic(run_dir / "report.md", report)
     log.info(
         "test accuracy %.4f macro-F1 %.4f; radiology shuffled %.4f",
         result["accuracy"],

@@ -8,13 +8,12 @@ on the rows, so nine long class names stay legible.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from crc_train.metrics import short_name
+from crc_train.rundir import atomic_path
 
 __all__ = ["plot_confusion_matrix", "plot_roc_curves", "plot_tsne", "tsne_embedding"]
 
@@ -24,15 +23,8 @@ DPI = 150
 
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _row_label(name: str) -> str:

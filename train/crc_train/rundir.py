@@ -1,7 +1,7 @@
 """Run directory files, each written atomically (temp file in the same folder + os.replace).
 
-config.json, metrics.csv (one row per epoch, rewritten each epoch), metrics.json, test_predictions.npz;
-the checkpoint is written by ``checkpoint.save_checkpoint``.
+config.json, metrics.csv (one row per epoch, rewritten each epoch), metrics.json; ``atomic_path`` is what
+every other run-dir writer (checkpoints, predictions, figures, report.md) writes through.
 """
 
 from __future__ import annotations
@@ -11,33 +11,54 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from crc_train.config import RunConfig
 
-__all__ = ["METRICS_CSV_FIELDS", "default_run_dir", "write_json", "write_metrics_csv", "write_predictions"]
+__all__ = [
+    "METRICS_CSV_FIELDS",
+    "atomic_path",
+    "default_run_dir",
+    "write_json",
+    "write_metrics_csv",
+    "write_text_atomic",
+]
 
 METRICS_CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path next to ``path``; renamed onto ``path`` when the block succeeds, removed if not.
+
+    Args:
+        path: The final file.
+        suffix: The temporary file's suffix (writers such as ``np.savez`` or ``savefig`` go by it).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 text atomically (no newline translation)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically."""
-    _write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -46,24 +67,7 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=METRICS_CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue())
-
-
-def write_predictions(path: Path, labels: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> None:
-    """test_predictions.npz: labels int64 [N], preds int64 [N], probs float32 [N, C] (no pickles)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(
-            tmp,
-            labels=labels.astype(np.int64),
-            preds=preds.astype(np.int64),
-            probs=probs.astype(np.float32),
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, buf.getvalue())
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
