@@ -38,6 +38,7 @@ class ExportConfig:
     data_root: str | None = None  # overrides the data folder recorded in the run's config.json
     exporter: str = "dynamo"  # "dynamo" (torch.export) or "torchscript" (legacy tracer)
     opset: int = DEFAULT_OPSET  # ONNX opset, >= 17
+    external_data: bool = True  # FP32 weights in model.onnx.data (mapped by onnxruntime) or inside model.onnx
     batch_size: int = 64  # batch size for the reference logits and the parity run
     overwrite: bool = False  # replace an existing bundle folder (and an existing Triton repository)
     thresholds: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_THRESHOLDS)))
@@ -169,7 +170,12 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished bundle gets normal permissions
     try:
         onnx_path = export_onnx(
-            model, work / "model.onnx", image_size, exporter=cfg.exporter, opset=cfg.opset
+            model,
+            work / "model.onnx",
+            image_size,
+            exporter=cfg.exporter,
+            opset=cfg.opset,
+            external_data=cfg.external_data,
         )
         check_onnx(onnx_path)
         ref = build_reference(model, test, cfg.parity_pairs, cfg.batch_size)
@@ -191,6 +197,7 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
         names = [
             "reference.npz",
             *(a["file"] for a in artifacts),
+            *(name for a in artifacts for name in a.get("external_data", [])),
             *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
         ]
         manifest = _manifest(

@@ -36,8 +36,9 @@ def export_onnx(
     *,
     exporter: str = "dynamo",
     opset: int = DEFAULT_OPSET,
+    external_data: bool = False,
 ) -> Path:
-    """Write ``model`` as a single-file ONNX graph with a dynamic batch axis.
+    """Write ``model`` as an ONNX graph with a dynamic batch axis.
 
     Args:
         model: the fusion model; its forward takes uint8 NHWC ``pathology`` [N,S,S,3] and
@@ -47,6 +48,8 @@ def export_onnx(
         exporter: ``"dynamo"`` (torch.export based, the default in current torch) or ``"torchscript"``
             (the legacy tracer, for older torch releases).
         opset: ONNX opset; at least 17.
+        external_data: keep the weights in ``<file>.data`` beside the graph (see ``move_weights_out``)
+            instead of inside the one file.
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
@@ -68,7 +71,7 @@ def export_onnx(
                     verbose=False,
                     **common,
                 )
-            # One self-contained file: the models here are far below protobuf's 2 GB limit.
+            # Written as one file first; move_weights_out below splits it the same way for both exporters.
             program.save(str(path), external_data=False)
         elif exporter == "torchscript":
             torch.onnx.export(
@@ -82,16 +85,51 @@ def export_onnx(
             )
         else:
             raise ValueError(f"unknown exporter {exporter!r}: expected 'dynamo' or 'torchscript'")
+    if external_data:
+        move_weights_out(path)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
+
+
+def external_data_name(path: str | Path) -> str:
+    """File name of the weights that ``move_weights_out`` writes beside ``path``: ``model.onnx.data``."""
+    return Path(path).name + ".data"
+
+
+def move_weights_out(path: str | Path) -> Path:
+    """Rewrite the ONNX file ``path`` with every initializer over 1 KiB in ``<name>.data`` beside it.
+
+    This is ONNX's standard external-data layout (the graph keeps a relative ``location``). onnxruntime
+    maps such a file into memory on CPU instead of parsing the weights into the protobuf and copying them
+    again, which cuts session creation time and peak memory (numbers in benchmarks/RESULTS.md).
+
+    Returns:
+        The path of the data file.
+    """
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(external_data_name(path))
+    model = onnx.load(str(path))
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    return data
 
 
 def check_onnx(path: str | Path) -> None:
     """Run ``onnx.checker`` (with shape inference) and confirm the I/O signature of the bundle contract."""
     import onnx
 
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model, full_check=True)
+    # By path, so the checker reads external weights from beside the graph and has no 2 GB limit.
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name: i for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     missing = [name for name in INPUT_NAMES if name not in inputs]

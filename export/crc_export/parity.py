@@ -10,6 +10,8 @@ from crc_runtime.backends.onnxruntime import OrtBackend
 from crc_runtime.errors import UserError
 from crc_runtime.validate import parity_row, run_reference
 
+from .onnx import external_data_name
+
 log = logging.getLogger(__name__)
 
 
@@ -50,10 +52,14 @@ def onnx_artifact(
     logits, backend = run_onnx(path, ref, batch_size, device=device, precision=precision)
     parity = parity_entry(backend, ref, logits, precision, thresholds)
     log.info("%s on %s: %s", path.name, backend, "PASS" if parity["passed"] else "; ".join(parity["reasons"]))
-    return {
+    entry = {
         "file": path.name,
         "kind": "onnx",
         "precision": precision,
         "usable": parity["passed"],
         "parity": parity,
     }
+    data = path.with_name(external_data_name(path))
+    if data.is_file():
+        entry["external_data"] = [data.name]
+    return entry

@@ -3,7 +3,9 @@
 Layout (one model per artifact, Triton's repository convention)::
 
     REPO/
-      <name>_onnx/       config.pbtxt  labels.txt  1/model.onnx   (platform onnxruntime_onnx)
+      <name>_onnx/       config.pbtxt  labels.txt  1/model.onnx/{model.onnx, model.onnx.data}
+                                                     (platform onnxruntime_onnx; a folder, as Triton
+                                                     wants an ONNX model with external weights)
       <name>_fp16_onnx/  config.pbtxt  labels.txt  1/model.onnx   (when model.fp16.onnx is usable)
       <name>_trt/        config.pbtxt  labels.txt  1/model.plan   (platform tensorrt_plan, when built)
 
@@ -140,7 +142,15 @@ def write_triton_repository(
             name = f"{model_name}_{suffix}"
             version_dir = work / name / "1"
             version_dir.mkdir(parents=True)
-            shutil.copyfile(bundle / art["file"], version_dir / filename)
+            weights = art.get("external_data", [])
+            if weights:  # Triton's form of a multi-file ONNX model: a folder named like the model file
+                target = version_dir / filename
+                target.mkdir()
+                shutil.copyfile(bundle / art["file"], target / art["file"])
+                for weight_file in weights:
+                    shutil.copyfile(bundle / weight_file, target / weight_file)
+            else:
+                shutil.copyfile(bundle / art["file"], version_dir / filename)
             (work / name / _LABELS).write_text(labels)
             config = model_config(
                 name,

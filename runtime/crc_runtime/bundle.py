@@ -55,6 +55,11 @@ def _is_plain_name(name: object) -> bool:
     )
 
 
+def artifact_files(artifact: dict) -> list[str]:
+    """The files one artifact runs from: its ``file`` and the weight files in its ``external_data``."""
+    return [artifact["file"], *artifact.get("external_data", [])]
+
+
 @dataclass
 class Bundle:
     """A loaded, verified bundle.
@@ -113,13 +118,21 @@ class Bundle:
                 f"{self.path / art['file']}: marked unusable in manifest.json ({reasons}); "
                 "use another artifact or re-export"
             )
-        self.file(usable[0]["file"])
+        self.artifact_path(usable[0])
         return usable[0]
 
+    def artifact_path(self, artifact: dict) -> Path:
+        """Path of an artifact's file, once it and its external weight files are known to be listed."""
+        paths = [self.file(name) for name in artifact_files(artifact)]
+        return paths[0]
+
     def usable_artifacts(self) -> list[dict]:
-        """Artifacts marked ``"usable": true`` whose file is listed in ``files``."""
+        """Artifacts marked ``"usable": true`` whose files (the artifact and its weights) are all listed."""
+        listed = self.manifest["files"]
         return [
-            a for a in self.artifacts if a.get("usable") is True and a.get("file") in self.manifest["files"]
+            a
+            for a in self.artifacts
+            if a.get("usable") is True and all(name in listed for name in artifact_files(a))
         ]
 
     def load_reference(self) -> dict[str, np.ndarray]:
@@ -232,6 +245,12 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
     for art in artifacts if isinstance(artifacts, list) else [artifacts]:
         if not isinstance(art, dict) or not isinstance(art.get("file"), str):
             raise BundleError(f"{where}: artifact entry {art!r} needs at least a 'file' name; {_REEXPORT}")
+        data = art.get("external_data", [])
+        if not (isinstance(data, list) and all(_is_plain_name(name) for name in data)):
+            raise BundleError(
+                f"{where}: artifact {art['file']}: external_data {data!r} is not a list of plain file names "
+                f"inside the bundle; {_REEXPORT}"
+            )
     _verify_files(bundle, files, where)
     log.info(
         "bundle %s: schema %s, %d classes, size %d, %d files verified",

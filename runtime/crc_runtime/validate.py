@@ -160,7 +160,10 @@ def validate_bundle(
             row["reasons"] = [f"marked unusable by crc-export: {recorded}"]
         else:
             backend = OrtBackend(
-                bundle.file(name), device=device, intra_op_threads=intra_op_threads, precision=precision
+                bundle.artifact_path(art),
+                device=device,
+                intra_op_threads=intra_op_threads,
+                precision=precision,
             )
             try:
                 logits = run_reference(backend, ref, batch_size)

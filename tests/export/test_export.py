@@ -12,6 +12,7 @@ import pytest
 import torch
 from crc_export.build import ExportConfig, build_bundle
 from crc_export.cli import export_command
+from crc_export.onnx import move_weights_out
 from crc_runtime.bundle import load_bundle, sha256_file
 from crc_runtime.errors import UserError
 from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,11 +26,14 @@ def bundle(tiny_run, tmp_path_factory):
     return out
 
 
+FILES = ("model.onnx", "model.onnx.data", "reference.npz")
+
+
 def test_bundle_files_and_manifest(bundle, tiny_run):
-    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx", "reference.npz"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", *FILES]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
-    assert manifest["files"] == {name: sha256_file(bundle / name) for name in ("model.onnx", "reference.npz")}
+    assert manifest["files"] == {name: sha256_file(bundle / name) for name in FILES}
     ckpt = load_checkpoint(tiny_run / "checkpoint.pt")
     assert manifest["classes"] == ckpt["classes"]
     assert manifest["model"] == {
@@ -43,9 +47,34 @@ def test_bundle_files_and_manifest(bundle, tiny_run):
     assert manifest["provenance"]["run_id"] == ckpt["run_id"]
     (artifact,) = manifest["artifacts"]
     assert artifact["file"] == "model.onnx" and artifact["usable"] is True
+    assert artifact["external_data"] == ["model.onnx.data"]
     assert artifact["parity"]["top1_agreement"] == 1.0 and artifact["parity"]["max_abs_diff"] <= 1e-3
     # The runtime accepts what the exporter wrote.
     assert load_bundle(bundle).classes == ckpt["classes"]
+
+
+def test_fp32_weights_live_in_the_external_data_file(bundle):
+    """The graph holds no weight over 1 KiB; each points, by a relative location, into model.onnx.data."""
+    proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) > 50  # resnet18 x 2 branches + attention + head
+    locations = {entry.value for t in external for entry in t.external_data if entry.key == "location"}
+    assert locations == {"model.onnx.data"}
+    inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert all(len(t.raw_data) <= 1024 for t in inline)
+    assert (bundle / "model.onnx").stat().st_size < (bundle / "model.onnx.data").stat().st_size / 20
+
+
+def test_embedded_weights_make_one_file(tiny_run, tmp_path):
+    out = tmp_path / "embedded"
+    cfg = ExportConfig(parity_pairs=8, fp16=False, external_data=False)
+    result = build_bundle(tiny_run, out, cfg)
+    assert result.passed
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "reference.npz"]
+    (artifact,) = result.manifest["artifacts"]
+    assert "external_data" not in artifact
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert not [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def test_reference_set_holds_uint8_pairs_and_torch_logits(bundle, tiny_run):
@@ -94,6 +123,7 @@ def test_gate_fails_on_a_damaged_model(tiny_run, tmp_path, monkeypatch):
         weights = onnx.numpy_helper.to_array(target) * 3.0 + 0.5
         target.CopyFrom(onnx.numpy_helper.from_array(weights.astype(np.float32), target.name))
         onnx.save(proto, str(path))
+        move_weights_out(path)  # back to the bundle's layout: graph + model.onnx.data
         return path
 
     monkeypatch.setattr(build, "export_onnx", export_then_damage)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 from crc_export.triton import model_config, write_triton_repository
 from crc_runtime.bundle import sha256_file
@@ -54,7 +55,16 @@ def test_repository_configs_parse_with_tritons_schema(full_bundle, model_config_
         assert config.HasField("dynamic_batching")
         labels = (triton / name / out.label_filename).read_text().splitlines()
         assert labels == manifest["classes"]
-        assert sha256_file(triton / name / "1" / "model.onnx") == manifest["files"][source]
+        if source == "model.onnx":  # external weights: Triton's folder form, 1/model.onnx/{graph, weights}
+            folder = triton / name / "1" / "model.onnx"
+            assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+            for file in ("model.onnx", "model.onnx.data"):
+                assert sha256_file(folder / file) == manifest["files"][file]
+            # onnxruntime (Triton's backend) finds the weights beside the graph inside that folder.
+            session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+            assert [i.name for i in session.get_inputs()] == ["pathology", "radiology"]
+        else:
+            assert sha256_file(triton / name / "1" / "model.onnx") == manifest["files"][source]
 
 
 def test_tensorrt_model_and_unusable_artifacts(tmp_path, model_config_pb2):

@@ -134,7 +134,7 @@ def open_backend(
         if art.get("kind") != ENGINE_KIND:
             raise BackendError(f"{art['file']}: kind {art.get('kind')!r} is not a TensorRT engine")
         opened = TrtBackend(
-            bundle.file(art["file"]),
+            bundle.artifact_path(art),
             art.get("engine"),
             precision=art.get("precision", "fp16"),
             cuda_graphs=cuda_graphs,
@@ -151,7 +151,7 @@ def open_backend(
                 "pass an ONNX artifact (--artifact model.onnx) or --backend trt"
             )
         opened = OrtBackend(
-            bundle.file(art["file"]),
+            bundle.artifact_path(art),
             device=ort_device,
             intra_op_threads=intra_op_threads,
             precision=art.get("precision", "fp32"),
