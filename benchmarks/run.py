@@ -272,8 +272,12 @@ def measure_footprint(args, bundle_dir: Path, run_dir: Path, work: Path) -> dict
         return {"skipped": "no torch-free runtime environment: create one (python -m venv V && V/bin/pip "
                 "install .) and pass --runtime-python V/bin/python"}  # fmt: skip
     folder = HERE.parent / "examples" / "pairs"
+    one = footprint.one_pair_folder(folder, work / "first-pair")
     return {
-        "cold_start": footprint.cold_start(python, bundle_dir, run_dir, folder, work),
+        # The targets: process start -> first prediction (one pair), and that job's peak RSS.
+        "cold_start": footprint.cold_start(python, bundle_dir, run_dir, one, work),
+        # The same comparison for the whole 18-pair example folder in one batch.
+        "folder_job": footprint.cold_start(python, bundle_dir, run_dir, folder, work),
         "imports_only": footprint.imports_only(python),
         "env_size": footprint.env_sizes(python, Path(sys.executable)),
     }
