@@ -120,6 +120,7 @@ def move_weights_out(path: str | Path) -> Path:
         location=data.name,
         size_threshold=1024,
     )
+    data.chmod(path.stat().st_mode & 0o777)  # onnx creates it private (0600); give it the graph's mode
     return data
 
 

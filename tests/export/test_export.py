@@ -63,6 +63,8 @@ def test_fp32_weights_live_in_the_external_data_file(bundle):
     inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     assert all(len(t.raw_data) <= 1024 for t in inline)
     assert (bundle / "model.onnx").stat().st_size < (bundle / "model.onnx.data").stat().st_size / 20
+    # Readable like the rest of the bundle (onnx itself creates the data file private).
+    assert (bundle / "model.onnx.data").stat().st_mode & 0o777 == (bundle / "model.onnx").stat().st_mode & 0o777
 
 
 def test_embedded_weights_make_one_file(tiny_run, tmp_path):
