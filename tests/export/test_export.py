@@ -64,7 +64,8 @@ def test_fp32_weights_live_in_the_external_data_file(bundle):
     assert all(len(t.raw_data) <= 1024 for t in inline)
     assert (bundle / "model.onnx").stat().st_size < (bundle / "model.onnx.data").stat().st_size / 20
     # Readable like the rest of the bundle (onnx itself creates the data file private).
-    assert (bundle / "model.onnx.data").stat().st_mode & 0o777 == (bundle / "model.onnx").stat().st_mode & 0o777
+    mode = (bundle / "model.onnx").stat().st_mode & 0o777
+    assert (bundle / "model.onnx.data").stat().st_mode & 0o777 == mode
 
 
 def test_embedded_weights_make_one_file(tiny_run, tmp_path):
