@@ -51,6 +51,8 @@ def end_to_end(bundle, folder: Path, batch_size: int, backend: str = "auto", ite
 
     selection = open_backend(bundle, backend)
     try:
+        # A warmed engine, as in the engine-only measurement below: first-call set-up is not decoding.
+        bench_batch(selection.backend, batch_size, warmup_iters=2, iterations=1)
         result = run_inference(
             discover_pairs(folder), bundle, selection.backend, batch_size, keep_predictions=False
         )

@@ -247,15 +247,25 @@ def run_command(
         f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
     )
     lat = summarize(result.batch_seconds)
-    # Per pair from the report, which divides each batch's time by the pairs it really held (the last
-    # batch is usually short), not by --batch-size.
-    pair_p50 = run_report["latency"]["per_pair"]["median_ms"]
-    click.echo(
-        f"model latency per batch: {format_latency(lat)}; {pair_p50:.3f} ms per pair at p50 "
-        f"({backend.name} {backend.version}, {artifact['file']}, device {backend.device}, "
-        f"batch size {batch_size}, {lat['count']} batches, first one run once untimed as warm-up)"
+    warm = (
+        f"the first batch ({result.warmup_pairs} pairs, {result.warmup_seconds * 1e3:.1f} ms) was the "
+        "warm-up: its predictions are kept, its time is not in the latency figures"
     )
-    click.echo(format_latency_table(run_report["latency"]))
+    if lat["count"]:
+        # Per pair from the report, which divides each batch's time by the pairs it really held (the
+        # last batch is usually short), not by --batch-size.
+        pair_p50 = run_report["latency"]["per_pair"]["median_ms"]
+        click.echo(
+            f"model latency per batch: {format_latency(lat)}; {pair_p50:.3f} ms per pair at p50 "
+            f"({backend.name} {backend.version}, {artifact['file']}, device {backend.device}, "
+            f"batch size {batch_size}, {lat['count']} timed batches; {warm})"
+        )
+        click.echo(format_latency_table(run_report["latency"]))
+    elif result.warmup_pairs:
+        click.echo(
+            f"model latency: no timed batch ({backend.name} {backend.version}, {artifact['file']}, "
+            f"device {backend.device}; {warm}); for latency use crc-infer bench"
+        )
     click.echo(
         f"engine-only throughput: {run_report['throughput']['engine_only_pairs_per_s']:.1f} pairs/s; "
         f"decode waits {result.decode_wait_seconds:.3f} s ({result.workers} decode workers)"

@@ -41,9 +41,10 @@ class InferenceResult:
 
     predictions: list[Prediction] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    batch_seconds: list[float] = field(default_factory=list)
-    total_seconds: float = 0.0  # decode + resize + infer, without the untimed warm-up call
-    warmup_seconds: float = 0.0
+    batch_seconds: list[float] = field(default_factory=list)  # timed model calls (after the warm-up)
+    total_seconds: float = 0.0  # wall time of the whole run: decode + resize + infer, every batch
+    warmup_seconds: float = 0.0  # the first model call, when it served as the warm-up
+    warmup_pairs: int = 0  # pairs of that call (0: no warm-up); their predictions are kept
     batch_size: int = 0
     resumed: int = 0  # pairs left out because a resumed run already wrote them
     processed: int = 0  # pairs predicted (also counted when predictions are not kept)
@@ -159,7 +160,9 @@ def run_inference(
         bundle: The loaded bundle (classes, inputs, resize size).
         backend: Any :class:`~crc_runtime.backends.base.Backend`.
         batch_size: Pairs per model call.
-        warmup: Run the first batch once untimed so lazy initialisation does not count as latency.
+        warmup: Treat the first batch as the warm-up: its predictions are kept, but its time (lazy
+            initialisation, first-call allocations) goes to ``warmup_seconds``, not to the latency
+            statistics. Nothing is computed twice, so a one-batch job costs one model call.
         skip_ids: Ids already done (``crc-infer --resume``): counted in ``resumed``, not decoded.
         on_batch: Called with each batch's predictions, in pair order, as soon as they exist
             (the :class:`~crc_runtime.predictions.PredictionWriter` appends them to disk).
@@ -177,16 +180,16 @@ def run_inference(
 
     def flush() -> None:
         inputs = {name: np.stack([b[2][name] for b in batch]) for name, _ in plan}
-        if warmup and not result.batch_seconds:
-            t_warm = time.perf_counter()
-            backend.infer(inputs)
-            result.warmup_seconds = time.perf_counter() - t_warm
         t0 = time.perf_counter()
         logits = backend.infer(inputs)["logits"]
-        result.batch_seconds.append(time.perf_counter() - t0)
-        result.batch_pairs.append(len(batch))
-        for stage, ms in (getattr(backend, "last_timings", None) or {}).items():
-            result.stage_ms.setdefault(stage, []).append(ms)
+        seconds = time.perf_counter() - t0
+        if warmup and not result.warmup_pairs:
+            result.warmup_seconds, result.warmup_pairs = seconds, len(batch)
+        else:
+            result.batch_seconds.append(seconds)
+            result.batch_pairs.append(len(batch))
+            for stage, ms in (getattr(backend, "last_timings", None) or {}).items():
+                result.stage_ms.setdefault(stage, []).append(ms)
         if logits.ndim != 2 or logits.shape[1] != len(bundle.classes):
             raise BundleError(
                 f"{bundle.path}: model gives logits {list(logits.shape)} but the manifest "
@@ -251,7 +254,7 @@ def run_inference(
             for _, _, job in pending:
                 job.cancel()
             pool.shutdown(wait=True)
-    result.total_seconds = time.perf_counter() - start - result.warmup_seconds
+    result.total_seconds = time.perf_counter() - start
     return result
 
 

@@ -57,8 +57,9 @@ def test_same_predictions_in_input_order_for_any_worker_count(many, tiny, backen
             np.stack([p.probs for p in other.predictions]), probs, rtol=1e-6, atol=1e-9
         )
         assert other.workers == workers and [s.item for s in other.skipped] == ["p017"]
-    full = sum(1 for _ in base.batch_pairs)
-    assert base.batch_pairs == [8] * (full - 1) + [PAIRS - 1 - 8 * (full - 1)]
+    calls = [base.warmup_pairs, *base.batch_pairs]  # the first batch is the warm-up, its predictions kept
+    assert calls == [8] * (len(calls) - 1) + [PAIRS - 1 - 8 * (len(calls) - 1)]
+    assert base.processed == PAIRS - 1
 
 
 def test_decoded_pairs_in_flight_stay_bounded(many, tiny, backend, monkeypatch):
@@ -109,3 +110,23 @@ def test_cli_output_does_not_depend_on_workers(many, tiny, tmp_path):
         assert f"({workers} decode workers)" in result.output
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == PAIRS  # header + 44 rows
+
+
+def test_every_batch_runs_once_warm_up_included(many, tiny, backend):
+    """The warm-up is the first real batch, not an extra call: 44 good pairs at batch 8 = 6 model calls."""
+    sizes = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def infer(self, inputs):
+            sizes.append(len(inputs["pathology"]))
+            return backend.infer(inputs)
+
+    result = _run(many, tiny, Counting(), batch_size=8, workers=0)
+    assert sizes == [8, 8, 8, 8, 8, 4]
+    assert result.warmup_pairs == 8 and result.batch_pairs == [8, 8, 8, 8, 4]
+    assert len(result.predictions) == 44
+    unwarmed = _run(many, tiny, Counting(), batch_size=8, workers=0, warmup=False)
+    assert unwarmed.warmup_pairs == 0 and unwarmed.batch_pairs == [8, 8, 8, 8, 8, 4]
