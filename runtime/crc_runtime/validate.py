@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError, UserError
+from .errors import BackendError, BundleError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -139,43 +139,61 @@ def validate_bundle(
     thresholds: dict | None = None,
     intra_op_threads: int | None = None,
 ) -> list[dict]:
-    """Run every usable ONNX artifact on reference.npz and gate it; other artifacts get a skipped row.
+    """Run every usable artifact on reference.npz and gate it; the others get a skipped row.
+
+    ONNX artifacts run on onnxruntime (``device``); TensorRT engines on the native TensorRT backend when
+    this machine can run them (TensorRT, cuda-bindings, the GPU and release the engine was built for),
+    else they get a skipped row saying why (crc-export gated them on the machine that built them).
 
     Returns:
         One row per artifact: artifact, backend, precision, the metrics of :func:`compare_logits`,
         passed (True/False, or None when skipped), reasons, thresholds, would_pass_with.
     """
-    from .backends.onnxruntime import OrtBackend  # onnxruntime only when something runs
-
     thresholds = copy.deepcopy(thresholds or DEFAULT_THRESHOLDS)
     ref = bundle.load_reference()
     rows = []
     for art in bundle.artifacts:
         name, precision = art.get("file"), art.get("precision", "fp32")
         row = {"artifact": name, "precision": precision, "backend": "-", "passed": None, "reasons": []}
-        if art.get("kind") != "onnx":
-            row["reasons"] = [f"kind {art.get('kind')!r}: no backend for it in this runtime yet"]
+        if art.get("kind") not in ("onnx", "tensorrt"):
+            row["reasons"] = [f"kind {art.get('kind')!r}: no backend for it in this runtime"]
         elif art.get("usable") is not True:
             recorded = "; ".join((art.get("parity") or {}).get("reasons") or []) or "no reason recorded"
             row["reasons"] = [f"marked unusable by crc-export: {recorded}"]
         else:
-            backend = OrtBackend(
-                bundle.artifact_path(art),
-                device=device,
-                intra_op_threads=intra_op_threads,
-                precision=precision,
-            )
-            try:
-                logits = run_reference(backend, ref, batch_size)
-            finally:
-                backend.close()
-            limits = thresholds.get(precision)
-            if limits is None:
-                raise BundleError(f"{bundle.path / name}: no parity thresholds for precision {precision!r}")
-            row.update(parity_row(ref, logits, precision, limits), backend=backend.name)
+            backend = _open(bundle, art, device, intra_op_threads, row)
+            if backend is not None:
+                try:
+                    logits = run_reference(backend, ref, batch_size)
+                finally:
+                    backend.close()
+                limits = thresholds.get(precision)
+                if limits is None:
+                    raise BundleError(
+                        f"{bundle.path / name}: no parity thresholds for precision {precision!r}"
+                    )
+                row.update(parity_row(ref, logits, precision, limits), backend=backend.name)
         log.info("%s: %s", name, row)
         rows.append(row)
     return rows
+
+
+def _open(bundle: Bundle, art: dict, device: str, intra_op_threads: int | None, row: dict):
+    """The backend for a usable artifact; None, the reason put in ``row``, for an engine not runnable here."""
+    path = bundle.artifact_path(art)
+    if art.get("kind") == "onnx":
+        from .backends.onnxruntime import OrtBackend  # onnxruntime only when something runs
+
+        return OrtBackend(
+            path, device=device, intra_op_threads=intra_op_threads, precision=art.get("precision", "fp32")
+        )
+    from .backends.tensorrt import TrtBackend
+
+    try:
+        return TrtBackend(path, art.get("engine"), precision=art.get("precision", "fp16"))
+    except BackendError as exc:
+        row["reasons"] = [f"cannot run here: {exc}"]
+        return None
 
 
 def _fmt(value, spec: str) -> str:

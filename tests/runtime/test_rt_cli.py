@@ -8,7 +8,9 @@ import sys
 import textwrap
 
 from click.testing import CliRunner
+from crc_runtime.bundle import load_bundle
 from crc_runtime.cli import cli
+from crc_runtime.validate import validate_bundle
 
 
 def _run(*args):
@@ -178,5 +180,11 @@ def test_non_onnx_artifact_and_bad_output(tiny, tmp_path, bundle_copy, edit_mani
         cli, [str(tiny.csv_dir), "--bundle", str(bundle_copy), "--output", str(tmp_path)]
     )
     assert result.exit_code == 1 and "--output" in result.output
-    result = _run("validate", bundle_copy)  # the plan is listed as skipped; the ONNX artifact still passes
+    # validate tries the engine on the TensorRT backend; with no TensorRT / GPU here it is skipped with
+    # the backend's reason, and the ONNX artifact still passes.
+    result = _run("validate", bundle_copy)
     assert result.exit_code == 0 and "gpu.plan" in result.output and "skipped" in result.output
+    rows = validate_bundle(load_bundle(bundle_copy), batch_size=8)
+    (plan_row,) = [r for r in rows if r["artifact"] == "gpu.plan"]
+    assert plan_row["passed"] is None and plan_row["reasons"][0].startswith("cannot run here: ")
+    assert "tensorrt" in plan_row["reasons"][0].lower()
