@@ -10,89 +10,29 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import click
 
-from .errors import UserError, printable
+from .cli_options import (
+    ARTIFACT,
+    BACKEND,
+    BUNDLE,
+    CUDA_GRAPHS,
+    DEFAULT_COMMAND,
+    DEVICE,
+    EXIT_INTERRUPTED,
+    EXIT_SKIPPED,
+    REPORT,
+    THREADS,
+    VERBOSE,
+    DefaultGroup,
+    fail,
+    setup_logging,
+)
+from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_COMMAND = "run"
-EXIT_SKIPPED = 3  # the run finished and wrote its predictions, but some inputs were skipped
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the rows written so far stay in OUTPUT.partial
-
-
-class DefaultGroup(click.Group):
-    """A group that runs :data:`DEFAULT_COMMAND` when the first argument names no subcommand."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = [DEFAULT_COMMAND, *args]
-        return super().parse_args(ctx, args)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-
-
-def _fail(exc: UserError) -> None:
-    click.echo(f"error: {printable(str(exc))}", err=True)
-    sys.exit(1)
-
-
-DEVICE = click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="With --backend auto: cpu forces onnxruntime CPU, cuda insists on a GPU backend and fails loudly "
-    "without one. validate: the onnxruntime provider (auto: CUDA when present).",
-)
-THREADS = click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="onnxruntime intra-op threads (default: onnxruntime decides).",
-)
-BUNDLE = click.option(
-    "--bundle",
-    "bundle_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Bundle folder written by crc-export.",
-)
-VERBOSE = click.option("-v", "--verbose", is_flag=True, help="Log what the runtime does.")
-BACKEND = click.option(
-    "--backend",
-    "backend_name",
-    type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
-    default="auto",
-    show_default=True,
-    help="auto: TensorRT when a matching engine, tensorrt and a GPU are here, else onnxruntime CUDA, "
-    "else onnxruntime CPU (it says which and why). A GPU backend named here never falls back.",
-)
-ARTIFACT = click.option(
-    "--artifact",
-    "artifact_name",
-    default=None,
-    help="Artifact to run: a manifest file name or a precision (fp32, fp16). Default: the backend's "
-    "choice (ort-cpu fp32; ort-cuda fp16 when usable, else fp32; trt the engine for this GPU).",
-)
-CUDA_GRAPHS = click.option(
-    "--cuda-graphs",
-    is_flag=True,
-    help="trt backend: capture each batch size once as a CUDA graph, replay it.",
-)
-REPORT = click.option(
-    "--report",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Write the latency report as JSON to this file (atomically).",
-)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -162,15 +102,10 @@ def run_command(
     from .pairs import discover_pairs
     from .predict import prediction_columns, prediction_row, run_inference
     from .predictions import PredictionWriter
-    from .timing import (
-        folder_run_report,
-        format_latency,
-        format_latency_table,
-        summarize,
-        throughput,
-    )
+    from .run_summary import echo_run_summary
+    from .timing import folder_run_report
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     output = output or folder / "predictions.csv"
     try:
         bundle = load_bundle(bundle_dir)
@@ -227,52 +162,19 @@ def run_command(
         if report is not None:
             _write_report(report, run_report)
     except UserError as exc:
-        _fail(exc)
-    n = result.processed
-    click.echo(f"backend: {backend.name} on {artifact['file']} ({selection.reason})")
-    resumed = f", {result.resumed} already in {writer.partial.name} (resumed)" if resume else ""
-    click.echo(f"pairs: {n} processed{resumed}, {len(result.skipped)} skipped (from {pairset.source})")
-    for skip in result.skipped:
-        click.echo(printable(f"  skipped {skip.item}: {skip.reason}"))
-    if result.skipped:
-        kinds = Counter(skip.kind for skip in result.skipped).most_common()
-        click.echo("skipped by reason: " + ", ".join(f"{kind} {count}" for kind, count in kinds))
-    # Accuracy over the whole predictions file: this run's pairs plus the rows a resumed run kept.
-    old = [row[-1] == "1" for row in writer.resumed_rows if row[-1] != ""]
-    labelled, correct = len(old) + result.labelled, sum(old) + result.correct
-    if labelled:
-        click.echo(f"accuracy: {correct / labelled:.2%} on {labelled} labelled pairs")
-    click.echo(
-        f"throughput: {throughput(n, result.total_seconds):.1f} pairs/s end-to-end "
-        f"(decode + resize + infer, {result.total_seconds:.3f} s; model load {load_s:.3f} s)"
+        fail(exc)
+    echo_run_summary(
+        result,
+        selection,
+        pairset,
+        writer,
+        run_report,
+        load_s=load_s,
+        batch_size=batch_size,
+        resume=resume,
+        output=output,
+        report=report,
     )
-    lat = summarize(result.batch_seconds)
-    warm = (
-        f"the first batch ({result.warmup_pairs} pairs, {result.warmup_seconds * 1e3:.1f} ms) was the "
-        "warm-up: its predictions are kept, its time is not in the latency figures"
-    )
-    if lat["count"]:
-        # Per pair from the report, which divides each batch's time by the pairs it really held (the
-        # last batch is usually short), not by --batch-size.
-        pair_p50 = run_report["latency"]["per_pair"]["median_ms"]
-        click.echo(
-            f"model latency per batch: {format_latency(lat)}; {pair_p50:.3f} ms per pair at p50 "
-            f"({backend.name} {backend.version}, {artifact['file']}, device {backend.device}, "
-            f"batch size {batch_size}, {lat['count']} timed batches; {warm})"
-        )
-        click.echo(format_latency_table(run_report["latency"]))
-    elif result.warmup_pairs:
-        click.echo(
-            f"model latency: no timed batch ({backend.name} {backend.version}, {artifact['file']}, "
-            f"device {backend.device}; {warm}); for latency use crc-infer bench"
-        )
-    click.echo(
-        f"engine-only throughput: {run_report['throughput']['engine_only_pairs_per_s']:.1f} pairs/s; "
-        f"decode waits {result.decode_wait_seconds:.3f} s ({result.workers} decode workers)"
-    )
-    click.echo(f"predictions: {output}")
-    if report is not None:
-        click.echo(f"report: {report}")
     if result.skipped:
         sys.exit(EXIT_SKIPPED)
 
@@ -334,7 +236,7 @@ def bench_command(
     from .bundle import load_bundle
     from .timing import backend_section, environment
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         sizes = parse_batch_sizes(batch_sizes)
         bundle = load_bundle(bundle_dir)
@@ -355,7 +257,7 @@ def bench_command(
         if report is not None:
             _write_report(report, bench_report)
     except UserError as exc:
-        _fail(exc)
+        fail(exc)
     b = bench_report["backend"]
     click.echo(
         f"backend: {b['name']} ({b['version']}, {b['artifact']}, {b['precision']}, device {b['device']}; "
@@ -386,12 +288,12 @@ def validate_command(
     from .bundle import load_bundle
     from .validate import format_parity_table, validate_bundle
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         bundle = load_bundle(bundle_dir)
         rows = validate_bundle(bundle, device=device, batch_size=batch_size, intra_op_threads=threads)
     except UserError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(format_parity_table(rows))
     ran = [r for r in rows if r["passed"] is not None]
     if ran and all(r["passed"] for r in ran):
