@@ -17,7 +17,7 @@ echo "== 2/4 crc-export: ONNX + reference set + manifest, parity-gated against P
 crc-export demo-out/run -o demo-out/bundle
 
 echo "== 3/4 crc-infer: the 18 example pairs in examples/pairs"
-crc-infer examples/pairs --bundle demo-out/bundle --output demo-out/predictions.csv
+crc-infer examples/pairs --bundle demo-out/bundle --batch-size 6 --output demo-out/predictions.csv
 
 echo "== 4/4 crc-infer validate: parity table of the bundle"
 crc-infer validate demo-out/bundle
