@@ -270,3 +270,79 @@ def test_cuda_objects_free_once_even_when_the_free_fails(monkeypatch):
     graph.close()  # the graph itself is still freed; the failed exec is not retried
     del graph
     assert calls == [("cudaFree", 1234), ("cudaGraphExecDestroy", "exec"), ("cudaGraphDestroy", "graph")]
+
+
+class _CaptureRuntime:
+    """Stands in for cuda.bindings.runtime in the graph-capture tests: records calls, fails on request."""
+
+    class cudaStreamCaptureMode:  # noqa: N801 - the cuda-bindings name
+        cudaStreamCaptureModeThreadLocal = 1
+
+    def __init__(self, end_error=0, instantiate_error=0):
+        self.calls, self.end_error, self.instantiate_error = [], end_error, instantiate_error
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.calls.append("begin")
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        self.calls.append("end")
+        return (self.end_error, None if self.end_error else "graph")
+
+    def cudaGraphInstantiate(self, graph, flags):
+        self.calls.append("instantiate")
+        return (self.instantiate_error, None if self.instantiate_error else "exec")
+
+    def cudaGraphDestroy(self, graph):
+        self.calls.append(f"destroy {graph}")
+        return (0,)
+
+    def cudaGetErrorString(self, err):
+        return (0, b"operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("end_error", [0, 901])  # 901: cudaErrorStreamCaptureInvalidated
+def test_graph_capture_keeps_the_enqueue_error(monkeypatch, end_error):
+    """A failed enqueue during capture is the error raised, not the EndCapture failure it causes."""
+    from crc_runtime.backends import cuda
+
+    rt = _CaptureRuntime(end_error=end_error)
+    monkeypatch.setattr(cuda, "cudart", lambda: rt)
+
+    def failing_enqueue():
+        raise cuda.BackendError("tiny.plan: TensorRT failed to enqueue the batch (see the log)")
+
+    stream = type("S", (), {"handle": 7})()
+    with pytest.raises(cuda.BackendError, match="failed to enqueue"):
+        cuda.Graph.capture(stream, failing_enqueue)
+    assert rt.calls == (["begin", "end", "destroy graph"] if end_error == 0 else ["begin", "end"])
+
+
+def test_graph_capture_frees_the_graph_when_instantiation_fails(monkeypatch):
+    from crc_runtime.backends import cuda
+
+    rt = _CaptureRuntime(instantiate_error=1)
+    monkeypatch.setattr(cuda, "cudart", lambda: rt)
+    with pytest.raises(cuda.BackendError, match="cudaGraphInstantiate failed"):
+        cuda.Graph.capture(type("S", (), {"handle": 7})(), lambda: None)
+    assert rt.calls == ["begin", "end", "instantiate", "destroy graph"]
+    rt = _CaptureRuntime()
+    monkeypatch.setattr(cuda, "cudart", lambda: rt)
+    graph = cuda.Graph.capture(type("S", (), {"handle": 7})(), lambda: None)
+    assert (graph._graph, graph._exec) == ("graph", "exec") and "destroy graph" not in rt.calls
+
+
+def test_trt_refused_input_shape_is_one_line(tmp_path):
+    """TensorRT's set_input_shape answers False for a shape outside the profile: say so, with the tensor."""
+    from crc_runtime.backends.tensorrt import TrtBackend
+
+    backend = TrtBackend.__new__(TrtBackend)  # no GPU here: only the shape check is exercised
+    backend.engine_path, backend.min_batch, backend.max_batch = tmp_path / "tiny.plan", 1, 32
+    backend.context = type("Context", (), {"set_input_shape": lambda self, name, shape: shape[0] <= 32})()
+    backend._set_input_shape("pathology", (32, 8, 8, 3))
+    with pytest.raises(BackendError) as exc:
+        backend._set_input_shape("pathology", (33, 8, 8, 3))
+    assert str(exc.value) == (
+        f"{tmp_path / 'tiny.plan'}: TensorRT refused shape [33, 8, 8, 3] for input pathology "
+        "(profile batch 1..32; see the log)"
+    )

@@ -207,9 +207,19 @@ class Graph(_Owned):
         check(rt.cudaStreamBeginCapture(stream.handle, mode), "cudaStreamBeginCapture")
         try:
             work()
-        finally:
-            graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
-        exec_handle = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BaseException:
+            # End the capture so the stream is usable again, but let work()'s own error be the one
+            # raised (an invalidated capture makes EndCapture fail too, which would hide the cause).
+            ended = rt.cudaStreamEndCapture(stream.handle)
+            if int(ended[0]) == 0 and len(ended) > 1 and ended[1] is not None:
+                rt.cudaGraphDestroy(ended[1])
+            raise
+        graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        try:
+            exec_handle = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BaseException:
+            rt.cudaGraphDestroy(graph)  # nothing else holds the captured graph
+            raise
         return cls(graph, exec_handle)
 
     def launch(self, stream: Stream) -> None:

@@ -167,7 +167,7 @@ class TrtBackend:
             self.min_batch, self.max_batch = int(min_shape[0]), int(max_shape[0])
             self.input_specs.append(TensorSpec(n, self._dtype(n), shape))
             max_shapes[n] = tuple(int(d) for d in max_shape)
-            self.context.set_input_shape(n, max_shapes[n])
+            self._set_input_shape(n, max_shapes[n])
         # Output sizes at the profile's maximum come from the context once every input shape is set.
         for n in (n for n in names if not is_input[n]):
             self.output_specs.append(TensorSpec(n, self._dtype(n), _free_batch(engine.get_tensor_shape(n))))
@@ -177,7 +177,8 @@ class TrtBackend:
             self._host[spec.name] = cuda.PinnedBuffer(count, spec.dtype)
             self._dev[spec.name] = cuda.DeviceBuffer(self._host[spec.name].nbytes)
             # Addresses never change (buffers live as long as the backend), so CUDA graphs stay valid.
-            self.context.set_tensor_address(spec.name, int(self._dev[spec.name].ptr))
+            if not self.context.set_tensor_address(spec.name, int(self._dev[spec.name].ptr)):
+                raise BackendError(f"{self.engine_path}: TensorRT refused the device address of {spec.name}")
         log.info(
             "trt: %s on %s, batch %d..%d, inputs %s",
             self.engine_path.name,
@@ -186,6 +187,14 @@ class TrtBackend:
             self.max_batch,
             [s.describe() for s in self.input_specs],
         )
+
+    def _set_input_shape(self, name: str, shape: tuple) -> None:
+        """Set one input's shape on the context; TensorRT answers False (and logs why) for a bad one."""
+        if not self.context.set_input_shape(name, shape):
+            raise BackendError(
+                f"{self.engine_path}: TensorRT refused shape {list(shape)} for input {name} "
+                f"(profile batch {self.min_batch}..{self.max_batch}; see the log)"
+            )
 
     def _enqueue(self) -> None:
         if hasattr(self.context, "execute_async_v3"):  # TensorRT 10 and 11
@@ -212,7 +221,7 @@ class TrtBackend:
         for spec in self.input_specs:
             array = inputs[spec.name]
             self._host[spec.name].view(array.shape)[...] = array
-            self.context.set_input_shape(spec.name, array.shape)
+            self._set_input_shape(spec.name, array.shape)
         e0.record(self.stream)
         for spec in self.input_specs:
             nbytes = inputs[spec.name].nbytes
