@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from crc_runtime.backends import open_backend
 from crc_runtime.backends.base import Backend, TensorSpec, check_inputs
-from crc_runtime.backends.onnxruntime import OrtBackend, resolve_device
+from crc_runtime.backends.onnxruntime import OrtBackend, ProviderStartError, resolve_device
 from crc_runtime.bundle import load_bundle
 from crc_runtime.errors import BackendError, UserError
 from crc_runtime.timing import format_latency, summarize, throughput
@@ -68,6 +69,47 @@ def test_cuda_on_cpu_only_onnxruntime_is_loud(tiny):
     msg = str(exc.value)
     assert "CUDAExecutionProvider" in msg and "CPUExecutionProvider" in msg and "available providers" in msg
     assert resolve_device("auto") == "cpu"
+
+
+@pytest.fixture
+def cuda_listed_but_dead(monkeypatch):
+    """onnxruntime-gpu on a machine where CUDA cannot start: the provider is listed, sessions get the CPU.
+
+    That is what a CPU-only onnxruntime does when asked for a provider it lacks (it warns and makes a CPU
+    session), so listing CUDA as available reproduces the real situation without a GPU.
+    """
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime really has CUDA")
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+
+
+def test_named_cuda_that_cannot_start_is_loud(tiny, cuda_listed_but_dead):
+    with pytest.raises(ProviderStartError) as exc:
+        OrtBackend(tiny.bundle / "model.onnx", device="cuda")
+    msg = str(exc.value)
+    assert "installed but did not start" in msg and "--backend ort-cpu" in msg and "\n" not in msg
+    with pytest.raises(ProviderStartError):
+        open_backend(load_bundle(tiny.bundle), "ort-cuda")
+    with pytest.raises(ProviderStartError):  # --device cuda insists on a GPU even with auto
+        open_backend(load_bundle(tiny.bundle), "auto", device="cuda")
+
+
+def test_auto_falls_back_to_cpu_when_cuda_cannot_start(tiny, cuda_listed_but_dead):
+    with OrtBackend(tiny.bundle / "model.onnx", device="auto", intra_op_threads=1) as backend:
+        assert (backend.name, backend.device, backend.io_binding) == ("ort-cpu", "cpu", False)
+        p = np.full((2, 8, 8, 3), 7, np.uint8)
+        r = np.full((2, 8, 8, 1), 9, np.uint8)
+        logits = backend.infer({"pathology": p, "radiology": r})["logits"]
+        np.testing.assert_allclose(logits, tiny.logits(p, r), rtol=1e-5, atol=1e-4)
+    selection = open_backend(load_bundle(tiny.bundle), "auto", intra_op_threads=1)
+    try:
+        assert selection.backend.name == "ort-cpu" and "did not start" in selection.reason
+    finally:
+        selection.backend.close()
+    (row,) = validate_bundle(load_bundle(tiny.bundle), device="auto", batch_size=8)
+    assert row["passed"] is True and row["backend"] == "ort-cpu"
 
 
 def test_corrupt_onnx_is_user_error(tmp_path):

@@ -140,21 +140,38 @@ def open_backend(
             cuda_graphs=cuda_graphs,
         )
     else:
-        from .onnxruntime import OrtBackend
+        from .onnxruntime import ProviderStartError
 
-        ort_device = name.removeprefix("ort-")
-        prefer = ("fp16", "fp32") if ort_device == "cuda" else ("fp32",)
-        art = _onnx_artifact(bundle, artifact, prefer)
-        if art.get("kind") != "onnx":
-            raise BackendError(
-                f"{bundle.path / art['file']}: kind {art.get('kind')!r} has no backend on {name}; "
-                "pass an ONNX artifact (--artifact model.onnx) or --backend trt"
-            )
-        opened = OrtBackend(
-            bundle.artifact_path(art),
-            device=ort_device,
-            intra_op_threads=intra_op_threads,
-            precision=art.get("precision", "fp32"),
-        )
+        try:
+            opened, art = _open_ort(bundle, name, artifact, intra_op_threads)
+        except ProviderStartError as exc:
+            if backend != "auto" or device == "cuda":  # a GPU asked for by name never falls back
+                raise
+            # auto picks the fastest backend that works: onnxruntime-gpu is installed, CUDA is not usable.
+            log.warning("%s", exc)
+            reason = f"the CUDA provider did not start, so the CPU (auto had picked ort-cuda: {reason})"
+            name = "ort-cpu"
+            opened, art = _open_ort(bundle, name, artifact, intra_op_threads)
     log.info("backend %s on %s: %s", name, art["file"], reason)
     return Selection(opened, art, reason)
+
+
+def _open_ort(bundle: Bundle, name: str, artifact: str | None, intra_op_threads: int | None):
+    """An :class:`OrtBackend` for ``ort-cpu`` / ``ort-cuda`` on the artifact that backend prefers."""
+    from .onnxruntime import OrtBackend
+
+    ort_device = name.removeprefix("ort-")
+    prefer = ("fp16", "fp32") if ort_device == "cuda" else ("fp32",)
+    art = _onnx_artifact(bundle, artifact, prefer)
+    if art.get("kind") != "onnx":
+        raise BackendError(
+            f"{bundle.path / art['file']}: kind {art.get('kind')!r} has no backend on {name}; "
+            "pass an ONNX artifact (--artifact model.onnx) or --backend trt"
+        )
+    opened = OrtBackend(
+        bundle.artifact_path(art),
+        device=ort_device,
+        intra_op_threads=intra_op_threads,
+        precision=art.get("precision", "fp32"),
+    )
+    return opened, art

@@ -1,4 +1,8 @@
-"""onnxruntime backend: one InferenceSession on the provider asked for, never a silent fallback."""
+"""onnxruntime backend: one InferenceSession on the provider asked for.
+
+A provider named by the caller never falls back; only ``device="auto"`` does, to the CPU, with a warning,
+when onnxruntime lists the CUDA provider but cannot start it (onnxruntime-gpu without a usable GPU or CUDA).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,11 @@ from ..errors import BackendError
 from .base import TensorSpec, check_inputs
 
 log = logging.getLogger(__name__)
+
+
+class ProviderStartError(BackendError):
+    """The provider is in this onnxruntime build but the session could not use it (no GPU, no CUDA libs)."""
+
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -75,11 +84,7 @@ class OrtBackend:
         self.model_path = Path(model_path)
         self.device = resolve_device(device)
         self.precision = precision
-        self.name = f"ort-{self.device}"
         self.version = f"onnxruntime {ort.__version__}"
-        # I/O binding keeps inputs and outputs in preallocated OrtValues on the device: the default on
-        # CUDA (no per-call allocation, copies timed apart); on CPU it buys nothing but can be tested.
-        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self.last_timings: dict[str, float] = {}
         self.timing_method = (
             "host wall clock around each step (onnxruntime synchronizes its stream at the end of a run)"
@@ -93,7 +98,17 @@ class OrtBackend:
         )
         actual = self._session.get_providers()
         if not actual or actual[0] != provider:
-            raise BackendError(self._missing_provider(provider, available, actual))
+            if device != "auto":  # a provider that was asked for by name never falls back
+                raise ProviderStartError(self._missing_provider(provider, available, actual))
+            # "auto" means the CUDA provider if it starts: onnxruntime already made a CPU session.
+            log.warning(
+                "%s: onnxruntime's %s did not start here; running on the CPU", self.model_path, provider
+            )
+            self.device = "cpu"
+        self.name = f"ort-{self.device}"
+        # I/O binding keeps inputs and outputs in preallocated OrtValues on the device: the default on
+        # CUDA (no per-call allocation, copies timed apart); on CPU it buys nothing but can be tested.
+        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self.input_specs = [_spec(i) for i in self._session.get_inputs()]
         self.output_specs = [_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self.output_specs]
@@ -152,10 +167,15 @@ class OrtBackend:
             ) from None
 
     def _missing_provider(self, provider: str, available: list[str], actual: list[str] | None = None) -> str:
-        got = f"; the session got {actual}" if actual is not None else ""
+        if actual is not None:  # in this onnxruntime build, but the session could not use it
+            return (
+                f"onnxruntime's {provider} is installed but did not start here (the session got {actual}; "
+                "onnxruntime's own log lines above say why, usually CUDA or cuDNN libraries it cannot "
+                "find or no usable GPU); fix the CUDA install, or use --backend ort-cpu (--device cpu)"
+            )
         hint = " (install onnxruntime-gpu: pip install 'crc-fusion[gpu]')" if self.device == "cuda" else ""
         return (
-            f"device {self.device} needs onnxruntime's {provider}, which is not available{got}; "
+            f"device {self.device} needs onnxruntime's {provider}, which is not available; "
             f"available providers: {', '.join(available)}{hint}; or use --backend ort-cpu (--device cpu)"
         )
 
