@@ -207,3 +207,19 @@ def _edit_manifest(bundle: Path, edit) -> None:
 def edit_manifest():
     """``edit_manifest(bundle, fn)`` applies ``fn(manifest)`` to manifest.json in place (no sha256 update)."""
     return _edit_manifest
+
+
+@pytest.fixture(scope="session")
+def cuda_ep(tiny: Tiny) -> str:
+    """What onnxruntime's CUDA provider is here: ``absent`` (not in this build), ``dead`` (listed, as
+    onnxruntime-gpu always lists it, but a session cannot start it: no GPU or no CUDA libraries) or
+    ``works``. GPU tests need ``works``; listing alone is not enough.
+    """
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "absent"
+    session = ort.InferenceSession(
+        str(tiny.bundle / "model.onnx"), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    return "works" if session.get_providers()[0] == "CUDAExecutionProvider" else "dead"

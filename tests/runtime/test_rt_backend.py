@@ -72,17 +72,17 @@ def test_cuda_on_cpu_only_onnxruntime_is_loud(tiny):
 
 
 @pytest.fixture
-def cuda_listed_but_dead(monkeypatch):
+def cuda_listed_but_dead(monkeypatch, cuda_ep):
     """onnxruntime-gpu on a machine where CUDA cannot start: the provider is listed, sessions get the CPU.
 
-    That is what a CPU-only onnxruntime does when asked for a provider it lacks (it warns and makes a CPU
-    session), so listing CUDA as available reproduces the real situation without a GPU.
+    With onnxruntime-gpu and no usable GPU that is the real situation. With the CPU-only onnxruntime,
+    listing CUDA as available reproduces it: asked for a provider it lacks, it warns and makes a CPU session.
     """
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime really has CUDA")
-    monkeypatch.setattr(
-        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
+    if cuda_ep == "works":
+        pytest.skip("onnxruntime's CUDA provider really works here")
+    if cuda_ep == "absent":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        monkeypatch.setattr(ort, "get_available_providers", lambda: providers)
 
 
 def test_named_cuda_that_cannot_start_is_loud(tiny, cuda_listed_but_dead):

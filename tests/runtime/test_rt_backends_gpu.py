@@ -12,7 +12,6 @@ import importlib.util
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from crc_runtime.backends import choose, open_backend
@@ -22,8 +21,10 @@ from crc_runtime.bundle import load_bundle, sha256_file
 from crc_runtime.cli import cli
 from crc_runtime.errors import BackendError, UserError
 
-HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
-NO_CUDA_EP = "onnxruntime has no CUDAExecutionProvider (pip install 'crc-fusion[gpu]' on a GPU machine)"
+NO_CUDA_EP = {
+    "absent": "onnxruntime has no CUDAExecutionProvider (pip install 'crc-fusion[gpu]' on a GPU machine)",
+    "dead": "onnxruntime-gpu is installed, but its CUDA provider does not start here (no GPU / CUDA libs)",
+}
 
 
 def _cuda_device() -> str | None:
@@ -65,11 +66,17 @@ def test_engine_record_matches_only_its_gpu_and_release():
     assert "no 'engine' record" in engine_mismatches(None, H100, "10.13.0")[0]
 
 
-def test_auto_on_a_cpu_machine_says_why(tiny):
-    if HAS_CUDA_EP:
-        pytest.skip("this onnxruntime has CUDA: auto picks a GPU backend")
+def test_auto_on_a_cpu_machine_says_why(tiny, cuda_ep):
+    if cuda_ep == "works" or NO_TRT is None:
+        pytest.skip("a GPU backend works here: auto picks it")
     bundle = load_bundle(tiny.bundle)
     name, reason = choose(bundle, "auto")
+    if cuda_ep == "dead":  # onnxruntime-gpu without a usable GPU: picked, then open_backend falls back
+        assert name == "ort-cuda" and "no TensorRT" in reason
+        selection = open_backend(bundle)
+        assert selection.backend.name == "ort-cpu" and "did not start" in selection.reason
+        selection.backend.close()
+        return
     assert name == "ort-cpu" and "no TensorRT" in reason and "no CUDA provider" in reason
     assert choose(bundle, "auto", device="cpu") == ("ort-cpu", "--device cpu")
     assert choose(bundle, "ort-cpu")[0] == "ort-cpu"
@@ -81,15 +88,18 @@ def test_auto_on_a_cpu_machine_says_why(tiny):
 
 
 @pytest.mark.parametrize("backend", ["trt", "ort-cuda"])
-def test_gpu_backend_asked_by_name_never_falls_back(tiny, backend):
+def test_gpu_backend_asked_by_name_never_falls_back(tiny, backend, cuda_ep):
     if backend == "trt" and NO_TRT is None:
         pytest.skip("TensorRT and a GPU are here")
-    if backend == "ort-cuda" and HAS_CUDA_EP:
-        pytest.skip("this onnxruntime has CUDA")
+    if backend == "ort-cuda" and cuda_ep == "works":
+        pytest.skip("onnxruntime's CUDA provider works here")
     result = CliRunner().invoke(cli, [str(tiny.csv_dir), "--bundle", str(tiny.bundle), "--backend", backend])
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
-    expected = "no usable TensorRT engine" if backend == "trt" else "available providers"
+    if backend == "trt":
+        expected = "no usable TensorRT engine"
+    else:
+        expected = "available providers" if cuda_ep == "absent" else "installed but did not start"
     assert expected in result.output
 
 
@@ -149,8 +159,9 @@ def test_io_binding_path_matches_plain_run(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA_EP, reason=NO_CUDA_EP)
-def test_ort_cuda_io_binding_parity_and_timings(tiny, tmp_path):
+def test_ort_cuda_io_binding_parity_and_timings(tiny, tmp_path, cuda_ep):
+    if cuda_ep != "works":
+        pytest.skip(NO_CUDA_EP[cuda_ep])
     ref = load_bundle(tiny.bundle).load_reference()
     with OrtBackend(tiny.bundle / "model.onnx", device="cuda") as backend:
         assert backend.io_binding and backend.name == "ort-cuda"
