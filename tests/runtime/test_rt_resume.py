@@ -114,16 +114,8 @@ def _many_pairs(tiny, folder: Path, n: int) -> None:
 
 
 def _start_and_wait_for_rows(tiny, folder: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
-    """Start a real crc-infer (batch size 1) and return once some rows are on disk in OUTPUT.partial.
-
-    The child's row writer is slowed to 10 ms a row (in the launcher, not in crc-infer), so the 1000-pair
-    run takes >= 10 s: on a busy machine the signal still lands mid-run instead of after the last row.
-    """
-    code = (
-        "import sys, time; from crc_runtime import predictions as p; w = p.PredictionWriter.write_rows; "
-        "p.PredictionWriter.write_rows = lambda self, rows: (time.sleep(0.01), w(self, rows))[1]; "
-        "from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
-    )
+    """Start a real crc-infer (batch size 1) and return once some rows are on disk in OUTPUT.partial."""
+    code = "import sys; from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
     args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
     args += ["--threads", "1", "--output", str(out)]
     proc = subprocess.Popen(
