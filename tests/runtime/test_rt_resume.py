@@ -114,8 +114,15 @@ def _many_pairs(tiny, folder: Path, n: int) -> None:
 
 
 def _start_and_wait_for_rows(tiny, folder: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
-    """Start a real crc-infer (batch size 1) and return once some rows are on disk in OUTPUT.partial."""
-    code = "import sys; from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
+    """Start a real crc-infer (batch size 1) and return once some rows are on disk in OUTPUT.partial.
+
+    The launcher restores Python's Ctrl-C handler: a shell that runs a job in the background (``cmd &``,
+    as a CI wrapper may) sets SIGINT to ignored, children inherit that, and then Ctrl-C would do nothing.
+    """
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
+    )
     args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
     args += ["--threads", "1", "--output", str(out)]
     proc = subprocess.Popen(
