@@ -41,7 +41,7 @@ DEVICE = click.option(
     default="auto",
     show_default=True,
     help="With --backend auto: cpu forces onnxruntime CPU, cuda insists on a GPU backend and fails loudly "
-    "without one. validate: the onnxruntime provider (auto: CUDA when present).",
+    "without one. validate: the onnxruntime provider (auto: CUDA when it starts, else the CPU).",
 )
 THREADS = click.option(
     "--threads",
@@ -63,8 +63,8 @@ BACKEND = click.option(
     type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
     default="auto",
     show_default=True,
-    help="auto: TensorRT when a matching engine, tensorrt and a GPU are here, else onnxruntime CUDA, "
-    "else onnxruntime CPU (it says which and why). A GPU backend named here never falls back.",
+    help="auto: TensorRT when a matching engine, tensorrt and a GPU are here, else onnxruntime CUDA when "
+    "it starts, else onnxruntime CPU (it says which and why). A GPU backend named here never falls back.",
 )
 ARTIFACT = click.option(
     "--artifact",
