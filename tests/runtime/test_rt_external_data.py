@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,27 +17,21 @@ DATA = "model.onnx.data"
 
 
 @pytest.fixture
-def external(tiny, tmp_path) -> Path:
+def external(tiny, tmp_path, edit_manifest) -> Path:
     """The tiny bundle with its weights moved to model.onnx.data and the manifest updated to match."""
     bundle = Path(shutil.copytree(tiny.bundle, tmp_path / "bundle"))
     model = onnx.load(str(bundle / "model.onnx"))
     onnx.save_model(
         model, str(bundle / "model.onnx"), save_as_external_data=True, location=DATA, size_threshold=0
     )
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["files"]["model.onnx"] = sha256_file(bundle / "model.onnx")
-    manifest["files"][DATA] = sha256_file(bundle / DATA)
-    manifest["artifacts"][0]["external_data"] = [DATA]
-    path.write_text(json.dumps(manifest))
+
+    def split(manifest: dict) -> None:
+        manifest["files"]["model.onnx"] = sha256_file(bundle / "model.onnx")
+        manifest["files"][DATA] = sha256_file(bundle / DATA)
+        manifest["artifacts"][0]["external_data"] = [DATA]
+
+    edit_manifest(bundle, split)
     return bundle
-
-
-def _edit(bundle: Path, edit) -> None:
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def test_weights_really_are_outside_the_graph(external):
@@ -78,9 +71,9 @@ def test_missing_weights_are_refused(external):
         load_bundle(external)
 
 
-def test_weights_not_listed_in_files_are_not_run(external):
+def test_weights_not_listed_in_files_are_not_run(external, edit_manifest):
     """An artifact whose weights are not in 'files' (so were never verified) is neither picked nor run."""
-    _edit(external, lambda m: m["files"].pop(DATA))
+    edit_manifest(external, lambda m: m["files"].pop(DATA))
     bundle = load_bundle(external)
     assert bundle.usable_artifacts() == []
     with pytest.raises(BundleError, match=r"model\.onnx\.data: not listed in manifest.json 'files'"):
@@ -90,8 +83,8 @@ def test_weights_not_listed_in_files_are_not_run(external):
 
 
 @pytest.mark.parametrize("value", ["model.onnx.data", ["../model.onnx.data"], ["sub/w.data"], [3], None])
-def test_bad_external_data_entries_are_refused(external, value):
-    _edit(external, lambda m: m["artifacts"][0].update(external_data=value))
+def test_bad_external_data_entries_are_refused(external, edit_manifest, value):
+    edit_manifest(external, lambda m: m["artifacts"][0].update(external_data=value))
     with pytest.raises(BundleError, match="external_data") as exc:
         load_bundle(external)
     assert "\n" not in str(exc.value)
