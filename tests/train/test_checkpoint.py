@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,3 +67,30 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     torch.save({"format_version": 1}, partial)
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(partial)
+
+
+_WRITE_UNDER_A_SIZE_LIMIT = """
+import resource, sys, torch
+from crc_train.checkpoint import CheckpointError, save_checkpoint
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(sys.argv[1], {"state_dict": {"w": torch.zeros(1 << 20)}})
+except CheckpointError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX only")
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    # A real failed write: a 64 KiB file size limit (RLIMIT_FSIZE) makes the 4 MiB write fail inside torch's
+    # C++ writer, as a full disk does ("basic_ios::clear: iostream error", before this error existed).
+    path = tmp_path / "run" / "last.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITE_UNDER_A_SIZE_LIMIT, str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 3, proc.stderr
+    message = proc.stdout.strip()
+    assert "\n" not in message
+    assert message.startswith(f"cannot write checkpoint {path}: ") and "MiB free on that disk" in message
+    assert list(path.parent.iterdir()) == []  # neither last.pt nor its temp file

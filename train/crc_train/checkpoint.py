@@ -8,6 +8,7 @@ Keys: ``format_version`` (1), ``model_config`` (dict), ``state_dict``, ``classes
 from __future__ import annotations
 
 import pickle
+import shutil
 import zipfile
 from dataclasses import fields
 from pathlib import Path
@@ -40,8 +41,15 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` atomically: a temp file in the same folder, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+    except (RuntimeError, OSError) as exc:  # torch reports a full disk as "basic_ios::clear: iostream error"
+        free = shutil.disk_usage(path.parent).free / 2**20
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {first} ({free:.0f} MiB free on that disk)"
+        ) from exc
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
