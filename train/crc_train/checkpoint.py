@@ -37,6 +37,11 @@ REQUIRED_KEYS = (
 )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` atomically: a temp file in the same folder, then ``os.replace``."""
     path = Path(path)
@@ -46,9 +51,8 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
             torch.save(ckpt, tmp)
     except (RuntimeError, OSError) as exc:  # torch reports a full disk as "basic_ios::clear: iostream error"
         free = shutil.disk_usage(path.parent).free / 2**20
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot write checkpoint {path}: {first} ({free:.0f} MiB free on that disk)"
+            f"cannot write checkpoint {path}: {_first_line(exc)} ({free:.0f} MiB free on that disk)"
         ) from exc
 
 
@@ -64,8 +68,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a crc-train checkpoint (expected a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
