@@ -59,7 +59,7 @@ def train_and_evaluate(root: Path, run_dir: Path, fusion: str, args: argparse.Na
     """Train one model with crc_train's own entry point and evaluate it on the held-out pairs."""
     from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from crc_train.evaluation import evaluate_run
-    from crc_train.loop import train
+    from crc_train.training import train
 
     cfg = RunConfig(
         model=ModelConfig(backbone="resnet18", fusion=fusion, image_size=28),
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     work = args.out or Path(tempfile.mkdtemp(prefix="crc-real-"))
     try:
-        from crc_train.compare import compare_runs
-        from crc_train.report import render_compare
+        from crc_train.compare import compare_runs, render_compare
 
         counts = write_medmnist_folder(args.data_dir, work / "data", args.split_seed)
         print(

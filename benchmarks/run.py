@@ -84,7 +84,7 @@ def open_one(name: str, bundle, run_dir: Path):
 
     gpu = torch.cuda.is_available()
     if name.startswith("torch-"):
-        from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
+        from crc_train.rundir import load_checkpoint, model_from_checkpoint
         from torch_backends import TorchBackend
 
         mode = name.removeprefix("torch-").removesuffix("-cpu")

@@ -18,7 +18,7 @@ def main(run_dir: str, folder: str, out_csv: str) -> None:
     import torch
     import torchvision  # noqa: F401  (the torch path imports it through the model anyway; count it)
     from crc_runtime.images import load_image
-    from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
+    from crc_train.rundir import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     model = model_from_checkpoint(ckpt)

@@ -27,9 +27,9 @@ def _child(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
     from crc_train.config import ModelConfig
-    from crc_train.engine import TrainForward, train_one_epoch
     from crc_train.losses import TrainLoss
     from crc_train.model import build_model
+    from crc_train.training import TrainForward, train_one_epoch
     from torch.utils.data import DataLoader, TensorDataset
 
     amp, *extras = args.child.split("+")

@@ -11,7 +11,7 @@ pytest.importorskip("torch", reason="the export tests need the [export] extra (t
 def tiny_run(tmp_path_factory):
     """A finished crc-train run: resnet18 with cross-modal attention on synthetic 28-px data, 1 epoch."""
     from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from crc_train.loop import train
+    from crc_train.training import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     cfg = RunConfig(

@@ -15,7 +15,7 @@ from crc_export.cli import export_command
 from crc_export.onnx import move_weights_out
 from crc_runtime.bundle import load_bundle, sha256_file
 from crc_runtime.errors import UserError
-from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
+from crc_train.rundir import load_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from crc_export.fp16 import FP16_FILE, make_fp16_model, precision_summary
 from crc_runtime.bundle import load_bundle, sha256_file
 from crc_runtime.errors import BundleError
 from crc_runtime.validate import DEFAULT_THRESHOLDS
-from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
+from crc_train.rundir import load_checkpoint, model_from_checkpoint
 
 
 def _manifest(bundle):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from crc_train.synthetic import write_synthetic_medmnist
+from crc_train.data import write_synthetic_medmnist
 
 N_TRAIN, N_VAL, N_TEST = 60, 30, 30
 

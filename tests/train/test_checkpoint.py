@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from crc_train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from crc_train.model import ModelConfig, build_model
+from crc_train.rundir import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 NORM = {
     "pathology": {"mean": [0.7, 0.5, 0.6], "std": [0.2, 0.25, 0.3]},
@@ -71,7 +71,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
 
 _WRITE_UNDER_A_SIZE_LIMIT = """
 import resource, sys, torch
-from crc_train.checkpoint import CheckpointError, save_checkpoint
+from crc_train.rundir import CheckpointError, save_checkpoint
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     save_checkpoint(sys.argv[1], {"state_dict": {"w": torch.zeros(1 << 20)}})
@@ -94,3 +94,4 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     assert "\n" not in message
     assert message.startswith(f"cannot write checkpoint {path}: ") and "MiB free on that disk" in message
     assert list(path.parent.iterdir()) == []  # neither last.pt nor its temp file
+

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from crc_train.checkpoint import model_from_checkpoint
+from crc_train.rundir import model_from_checkpoint
 
 MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[train]'"
 

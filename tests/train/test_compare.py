@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from crc_train.cli import main
 from crc_train.compare import CompareError, compare_runs
-from crc_train.stats import mcnemar
+from crc_train.metrics import mcnemar
 
 N, C = 60, 3
 LABELS = np.arange(N) % C

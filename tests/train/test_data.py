@@ -16,8 +16,8 @@ from crc_train.data import (
     class_names,
     load_split,
     pairing_permutation,
+    write_synthetic_medmnist,
 )
-from crc_train.synthetic import write_synthetic_medmnist
 
 N_TRAIN, N_VAL, N_TEST = 60, 30, 30  # the sizes the synthetic_root fixture writes (conftest.py)
 

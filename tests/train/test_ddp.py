@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, dump: str) ->
     )  # fmt: skip
     torch.set_num_threads(1)
     from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from crc_train.loop import train
+    from crc_train.training import train
 
     cfg = RunConfig(
         model=ModelConfig(backbone="resnet18", fusion="attention", image_size=28, attention_dim=16),

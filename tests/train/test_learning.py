@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from crc_train.loop import train
+from crc_train.training import train
 
 
 def test_resnet18_learns_synthetic_data(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ import torch
 import torchvision
 from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from crc_train.errors import ConfigError
-from crc_train.loop import resume, train
-from crc_train.model import build_model
-from crc_train.pretrained import load_pretrained
+from crc_train.model import build_model, load_pretrained
+from crc_train.training import resume, train
 
 
 @pytest.fixture(scope="module")

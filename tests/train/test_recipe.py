@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from crc_train.cli import cli
 from crc_train.config import PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
-from crc_train.loop import train
+from crc_train.training import train
 
 RUN_FILES = (
     "config.json", "checkpoint.pt", "last.pt", "metrics.csv", "metrics.json", "test_predictions.npz",
@@ -175,7 +175,7 @@ def test_cuda_amp_channels_last_compile(synthetic_root: Path, tmp_path: Path, am
     assert (last["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     # resuming restores the GradScaler too and finishes the run
-    from crc_train.loop import resume
+    from crc_train.training import resume
 
     resume(out, epochs=3)
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 3

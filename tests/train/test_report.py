@@ -11,7 +11,7 @@ import pytest
 from crc_train.cli import main
 from crc_train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from crc_train.evaluation import FIGURES, evaluate_run
-from crc_train.loop import train
+from crc_train.training import train
 from matplotlib.image import imread
 
 TRAINING_KEYS = (

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from crc_train.errors import CheckpointError
-from crc_train.resume import capture_rng, load_last, restore_rng
+from crc_train.rundir import capture_rng, load_last, restore_rng
 
 
 def _cmd(*args: str) -> list[str]:

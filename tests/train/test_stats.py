@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from crc_train.stats import EXACT_BELOW, mcnemar, mean_sd, two_proportion_z
+from crc_train.metrics import EXACT_BELOW, mcnemar, mean_sd, two_proportion_z
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.proportion import proportions_ztest
 

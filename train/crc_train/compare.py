@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from crc_train.errors import UserError
-from crc_train.evaluation import RunDirError, read_predictions
-from crc_train.stats import mcnemar, mean_sd, two_proportion_z
+from crc_train.evaluation import RunDirError, markdown_table, read_predictions
+from crc_train.metrics import PAIRED_VS_UNPAIRED, mcnemar, mean_sd, two_proportion_z
 
-__all__ = ["CompareError", "compare_runs"]
+__all__ = ["CompareError", "compare_runs", "render_compare"]
 
 
 class CompareError(UserError):
@@ -138,3 +138,48 @@ def compare_runs(runs_a: list[str | Path], runs_b: list[str | Path]) -> dict[str
         "pairing": pairing,
         "tests": tests,
     }
+
+
+def render_compare(c: dict[str, Any]) -> str:
+    """Markdown (also readable as plain text) of a ``compare_runs`` result."""
+    a_name, b_name = c["label_a"], c["label_b"]
+    lines = [
+        f"# Comparison: A = {a_name} vs B = {b_name}",
+        "",
+        f"Test pairs: {c['n_test']} (identical in every run).",
+        "",
+    ]
+    lines += markdown_table(
+        ["side", "runs", "accuracy (mean +- sd)", "macro F1 (mean +- sd)"],
+        [
+            [
+                s["label"],
+                str(len(s["runs"])),
+                f"{s['acc_mean']:.4f} +- {s['acc_sd']:.4f}",
+                f"{s['f1_mean']:.4f} +- {s['f1_sd']:.4f}",
+            ]  # fmt: skip
+            for s in (c["a"], c["b"])
+        ],
+    )
+    lines += ["", "sd is the sample standard deviation over seeds (0 with one run).", ""]
+    lines += [f"## McNemar's test ({c['pairing']})", ""]
+    for t in c["tests"]:
+        (n11, b), (cc, n22) = t["table"]
+        lines += [
+            f"### {t['run_a']} vs {t['run_b']}",
+            "",
+            *markdown_table(
+                ["", "B right", "B wrong"],
+                [["A right", str(n11), str(b)], ["A wrong", str(cc), str(n22)]],
+            ),
+            "",
+            f"accuracy A {t['acc_a']:.4f}, accuracy B {t['acc_b']:.4f}; discordant pairs b + c = {b + cc}",
+            "",
+            f"McNemar ({t['method']}): statistic {t['statistic']:.4f}, p = {t['pvalue']:.4g}",
+            "",
+            f"For contrast, the unpaired two-proportion z-test on the same predictions: z = {t['z']:.3f}, "
+            f"p = {t['z_pvalue']:.4g}",
+            "",
+        ]
+    lines += ["## Why McNemar", "", PAIRED_VS_UNPAIRED, ""]
+    return "\n".join(lines)

@@ -4,8 +4,9 @@
 ``crc-train evaluate RUN_DIR`` regenerates everything, and training calls it at its end.
 
 Files (each written atomically): ``metrics.json`` (the training keys kept, the evaluation keys added),
-``report.md``, ``test_predictions.npz`` (labels, preds, probs, pair_index, test_sha256),
-``confusion_matrix.png``, ``roc_curves.png``, ``tsne.png``.
+``report.md`` (``render_run_report``: pure string formatting over metrics.json), ``test_predictions.npz``
+(labels, preds, probs, pair_index, test_sha256), ``confusion_matrix.png``, ``roc_curves.png``,
+``tsne.png``.
 """
 
 from __future__ import annotations
@@ -21,16 +22,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
 from crc_train.config import DataConfig
 from crc_train.data import PairedSplit, load_split
 from crc_train.errors import UserError
-from crc_train.metrics import classification_metrics
+from crc_train.metrics import EXACT_BELOW, KEY_CLASSES, PAIRED_VS_UNPAIRED, classification_metrics, short_name
 from crc_train.plots import plot_confusion_matrix, plot_roc_curves, plot_tsne, tsne_embedding
-from crc_train.report import render_run_report
-from crc_train.rundir import atomic_path, write_json, write_text_atomic
+from crc_train.rundir import (
+    atomic_path,
+    load_checkpoint,
+    model_from_checkpoint,
+    write_json,
+    write_text_atomic,
+)
 
-__all__ = ["FIGURES", "RunDirError", "evaluate_run", "predict", "read_predictions", "write_predictions"]
+__all__ = [
+    "FIGURES",
+    "RunDirError",
+    "evaluate_run",
+    "predict",
+    "read_predictions",
+    "markdown_table",
+    "render_run_report",
+    "write_predictions",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +274,143 @@ def _figures(
         run_dir / "tsne.png",
         f"t-SNE of the fused features, test set ({shown}), {name}",
     )
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    """A Markdown table as lines; ``align`` is one letter per column, l or r (default: l then r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def render_run_report(m: dict[str, Any], config: dict[str, Any]) -> str:
+    """report.md of one evaluated run.
+
+    Args:
+        m: the metrics.json content written by ``evaluate_run``.
+        config: the run's config.json.
+    """
+    data = config.get("data", {})
+    classes = m["classes"]
+    lines = [
+        f"# Evaluation report: {m['run_id']}",
+        "",
+        f"Model: {m.get('backbone')} branches, fusion `{m.get('fusion')}`, {m.get('image_size')} px. "
+        f"Data: {data.get('source')} (pairing seed {data.get('pairing_seed')}). "
+        f"Best epoch {m.get('best_epoch')} (validation accuracy {_f(m.get('val_accuracy'))}). "
+        f"Test split: {m['n_test']} pairs.",
+        "",
+        "## Table 5: overall test performance",
+        "",
+        *markdown_table(
+            ["metric", "value"],
+            [
+                ["accuracy", _f(m["accuracy"])],
+                ["macro precision", _f(m["macro_precision"])],
+                ["macro recall", _f(m["macro_recall"])],
+                ["macro F1", _f(m["macro_f1"])],
+                ["ROC AUC, one-vs-rest (macro)", _f(m["roc_auc_ovr"])],
+                ["ROC AUC, one-vs-one (macro)", _f(m["roc_auc_ovo"])],
+                ["PR AUC (macro average precision)", _f(m["pr_auc"])],
+                ["test loss (cross-entropy)", _f(m.get("loss"))],
+            ],
+        ),
+        "",
+        "Macro averages weight the 9 classes equally (a class absent from the test labels counts as 0 "
+        "for precision/recall/F1).",
+    ]
+    if m.get("auc_note"):
+        lines += ["", f"Note: {m['auc_note']}."]
+    key = ", ".join(f"{short_name(c)} ({c})" for c in KEY_CLASSES if c in classes)
+    lines += [
+        "",
+        "## Table 6: per-class performance (key classes first)",
+        "",
+        f"Key classes: {key or 'none of the colorectal key classes are in this label set'}. "
+        "Tumour epithelium is the diagnosis itself, cancer-associated stroma carries the tumour-stroma "
+        "ratio (a prognostic marker in colorectal cancer), and normal mucosa is the tissue tumour must "
+        "be told apart from; the other classes follow in label order.",
+        "",
+        *markdown_table(
+            ["class", "F1", "precision", "recall", "ROC AUC", "support"],
+            [
+                [
+                    f"{'**' if r['name'] in KEY_CLASSES else ''}{short_name(r['name'])} {r['name']}"
+                    f"{'**' if r['name'] in KEY_CLASSES else ''}",
+                    _f(r["f1"]),
+                    _f(r["precision"]),
+                    _f(r["recall"]),
+                    _f(r["roc_auc"]),
+                    str(r["support"]),
+                ]
+                for r in m["per_class"]
+            ],
+        ),
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows are the true class, columns the predicted class (counts; row-normalised in the figure).",
+        "",
+        *markdown_table(
+            ["true \\ predicted", *[short_name(c) for c in classes]],
+            [[short_name(c), *map(str, row)] for c, row in zip(classes, m["confusion_matrix"], strict=True)],
+        ),
+        "",
+        "Row-normalised (recall of each true class on the diagonal):",
+        "",
+        *markdown_table(
+            ["true \\ predicted", *[short_name(c) for c in classes]],
+            [
+                [short_name(c), *(f"{v:.2f}" for v in row)]
+                for c, row in zip(classes, m["confusion_matrix_normalized"], strict=True)
+            ],
+        ),
+        "",
+        "## Modality ablation",
+        "",
+        *markdown_table(
+            ["test input", "accuracy", "macro F1"],
+            [
+                ["as paired", _f(m["accuracy"]), _f(m["macro_f1"])],
+                [
+                    f"radiology shuffled across test pairs (seed {m['ablation_seed']})",
+                    _f(m["ablation_accuracy"]),
+                    _f(m["ablation_macro_f1"]),
+                ],
+            ],
+        ),
+        "",
+        f"Accuracy change when the radiology images are shuffled: "
+        f"{100 * (m['ablation_accuracy'] - m['accuracy']):+.2f} points.",
+        "",
+        "The pairing of pathology and radiology images is synthetic: PathMNIST (colorectal histology) "
+        "and OrganAMNIST (abdominal CT) come from different patients, and each pathology image is "
+        "given a radiology image by a seeded permutation. The radiology image therefore carries no "
+        "information about the pathology label, and shuffling it across the test pairs measures how "
+        "much the model's predictions actually depend on the second modality. A drop means the "
+        "model uses the radiology input (as noise it has fitted, since it cannot be signal here); no "
+        "change means the fused model behaves as a pathology-only model. A pathology-only run "
+        "(`--fusion none`) shows no change by construction.",
+        "",
+        "## Figures",
+        "",
+        "![Confusion matrix](confusion_matrix.png)",
+        "",
+        "![ROC curves](roc_curves.png)",
+        "",
+        "![t-SNE of the fused features](tsne.png)",
+        "",
+        "## Comparing two models",
+        "",
+        "Use `crc-train compare RUN_A --vs RUN_B` (several seeds per side allowed): it runs McNemar's "
+        f"test on the paired test predictions (exact binomial when the discordant count is below "
+        f"{EXACT_BELOW}, else chi-square with continuity correction). {PAIRED_VS_UNPAIRED}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The run's figures: confusion matrix, ROC curves, t-SNE of the fused features.
+"""The run's figures: training curves, confusion matrix, ROC curves, t-SNE of the fused features.
 
 Drawn on ``matplotlib.figure.Figure`` objects (no pyplot, no global backend state) and saved
 atomically. Axes use the NCT-CRC-HE abbreviations (TUM, STR, ...) with the full names in the legend or
@@ -9,17 +9,65 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from crc_train.metrics import short_name
 from crc_train.rundir import atomic_path
 
-__all__ = ["plot_confusion_matrix", "plot_roc_curves", "plot_tsne", "tsne_embedding"]
+__all__ = [
+    "CURVES_PNG",
+    "plot_confusion_matrix",
+    "plot_roc_curves",
+    "plot_training_curves",
+    "plot_tsne",
+    "tsne_embedding",
+]
 
 log = logging.getLogger(__name__)
 
 DPI = 150
+
+#: File name of the curves in the run dir.
+CURVES_PNG = "training_curves.png"
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Two panels (loss, accuracy), train and validation per epoch; written atomically.
+
+    Args:
+        rows: metrics.csv rows (epoch, train_loss, train_acc, val_loss, val_acc, lr as strings or numbers).
+        path: the PNG to write.
+        title: figure title (e.g. backbone / fusion / loss).
+    """
+    from matplotlib.figure import Figure
+
+    epochs = [int(r["epoch"]) for r in rows]
+    col = {k: [float(r[k]) for r in rows] for k in ("train_loss", "val_loss", "train_acc", "val_acc", "lr")}
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    marker = "o" if len(epochs) <= 30 else None
+    ax_loss.plot(epochs, col["train_loss"], marker=marker, label="train (training objective)")
+    ax_loss.plot(epochs, col["val_loss"], marker=marker, label="validation (cross-entropy)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.plot(epochs, col["train_acc"], marker=marker, label="train")
+    ax_acc.plot(epochs, col["val_acc"], marker=marker, label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    # mark learning-rate drops (ReduceLROnPlateau) on both panels
+    for prev, cur, e in zip(col["lr"][:-1], col["lr"][1:], epochs[1:], strict=True):
+        if cur < prev:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(e, color="grey", linestyle=":", linewidth=1)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if epochs:
+            ax.set_xticks(epochs if len(epochs) <= 15 else ax.get_xticks())
+    if title:
+        fig.suptitle(title + ("   (dotted: learning-rate drop)" if len(set(col["lr"])) > 1 else ""))
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
