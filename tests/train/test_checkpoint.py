@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -95,3 +96,18 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     assert message.startswith(f"cannot write checkpoint {path}: ") and "MiB free on that disk" in message
     assert list(path.parent.iterdir()) == []  # neither last.pt nor its temp file
 
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_run_dir_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Run-dir files get the mode of any new file (0o666 minus the umask), not mkstemp's private 0600."""
+    from crc_train.rundir import write_json, write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "report.md", "# report\n")
+        write_json(tmp_path / "config.json", {"a": 1})
+        save_checkpoint(tmp_path / "checkpoint.pt", {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    for name in ("report.md", "config.json", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

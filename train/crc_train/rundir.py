@@ -64,9 +64,18 @@ __all__ = [
 METRICS_CSV_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0o666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path next to ``path``; renamed onto ``path`` when the block succeeds, removed if not.
+
+    The file gets the mode any new file gets (the umask applies), not mkstemp's private 0600.
 
     Args:
         path: The final file.
@@ -77,6 +86,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
