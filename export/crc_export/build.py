@@ -5,15 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from crc_runtime.atomic import atomic_folder
 from crc_runtime.bundle import SCHEMA_VERSION, sha256_file, write_manifest
 from crc_runtime.errors import UserError
 from crc_runtime.validate import DEFAULT_THRESHOLDS
@@ -87,7 +85,7 @@ def _git_commit() -> str | None:
 
 def _load_run(run_dir: Path):
     """Read the run's config and checkpoint and rebuild its model."""
-    from crc_train.checkpoint import load_checkpoint, model_from_checkpoint
+    from crc_train.rundir import load_checkpoint, model_from_checkpoint
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a run directory (expected the --out folder of crc-train)")
@@ -163,12 +161,7 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     test = load_split(data_cfg, "test")
     image_size = int(ckpt["image_size"])
 
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.partial-", dir=bundle.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished bundle gets normal permissions
-    try:
+    with atomic_folder(bundle) as work:
         onnx_path = export_onnx(
             model,
             work / "model.onnx",
@@ -210,10 +203,6 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
             files={name: sha256_file(work / name) for name in names},
         )
         write_manifest(work, manifest)
-        _replace_dir(work, bundle)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     passed = all(a["parity"]["passed"] for a in artifacts)
     if cfg.triton is not None:
         max_batch = cfg.triton_max_batch or (
@@ -228,17 +217,6 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
             overwrite=cfg.overwrite,
         )
     return ExportResult(bundle=bundle, manifest=manifest, passed=passed)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder into place; an old bundle is removed only after the new one is there."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _manifest(

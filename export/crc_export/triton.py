@@ -17,12 +17,11 @@ output ``[C]`` float32, and dynamic batching groups requests up to ``max_batch_s
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from crc_runtime.atomic import atomic_folder
 from crc_runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -125,13 +124,8 @@ def write_triton_repository(
     bundle, repo = Path(bundle), Path(repo)
     check_model_name(model_name)
     check_repository_target(repo, overwrite)
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{repo.name}.partial-", dir=repo.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the repository gets normal permissions
     written = []
-    try:
+    with atomic_folder(repo) as work:
         labels = "".join(f"{c}\n" for c in manifest["classes"])
         for art in manifest.get("artifacts", []):
             model = _MODELS.get((art.get("kind"), art.get("precision")))
@@ -164,11 +158,5 @@ def write_triton_repository(
             written.append(name)
         if not written:
             raise UserError(f"{bundle}: no usable artifact to put in a Triton repository")
-        if repo.exists():
-            shutil.rmtree(repo)
-        work.rename(repo)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     log.info("triton repository %s: %s", repo, ", ".join(written))
     return written
