@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import sys
 from pathlib import Path
 
 import click
+from crc_runtime.cli_options import setup_logging
+from crc_train.cli import missing_modules
 
 EXTRA_HINT = "crc-export needs the export extra: pip install 'crc-fusion[export]'"
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "onnx", "onnxscript", "onnxruntime")
@@ -197,9 +197,7 @@ def export_command(run_dir, bundle, verbose, **opts):
     from .build import ExportConfig, build_bundle
     from .tensorrt import TrtConfig
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(verbose)
     trt = None
     if opts["trt"]:
         trt = TrtConfig(
@@ -254,15 +252,8 @@ def export_command(run_dir, bundle, verbose, **opts):
         sys.exit(1)
 
 
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a broken or blocked install counts as missing
-        return False
-
-
 def main() -> None:
-    missing = [name for name in REQUIRED_MODULES if not _importable(name)]
+    missing = missing_modules(REQUIRED_MODULES)
     if missing:
         click.echo(f"{EXTRA_HINT} (missing: {', '.join(missing)})", err=True)
         sys.exit(1)

@@ -12,7 +12,6 @@ compute capability, TensorRT version and profile so the runtime can refuse a mis
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from crc_runtime.backends.tensorrt import TrtBackend, make_trt_logger, tensorrt_release
 from crc_runtime.errors import UserError
 from crc_runtime.validate import run_reference
+from crc_train.cli import missing_modules
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,9 @@ class TrtConfig:
 
 def require_tensorrt() -> None:
     """Fail in one line, before any work, when TensorRT or cuda-bindings is not installed."""
-    missing = [name for name in ("tensorrt", "cuda.bindings") if _find_spec(name) is None]
+    missing = missing_modules(("tensorrt", "cuda.bindings"))
     if missing:
         raise UserError(f"--trt needs {' and '.join(missing)}: {TRT_HINT}")
-
-
-def _find_spec(name: str):
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):  # "cuda" itself missing
-        return None
 
 
 def _import_tensorrt():

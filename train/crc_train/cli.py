@@ -64,11 +64,22 @@ MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[tra
 _D, _M, _T = DataConfig(), ModelConfig(), TrainConfig()
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a broken or blocked package counts as missing
-        return False
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` that cannot be imported here, found without importing them.
+
+    Torch-free, so a CLI can name the missing extra before anything heavy loads (crc-export uses it too).
+    A broken or blocked package, or a missing parent package (``cuda`` of ``cuda.bindings``), counts as
+    missing.
+    """
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -394,7 +405,7 @@ cli.add_command(compare_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns (and exits with) the process status."""
-    missing = [name for name in REQUIRED_MODULES if not _has_module(name)]
+    missing = missing_modules(REQUIRED_MODULES)
     if missing:
         click.echo(MISSING_EXTRA, err=True)
         sys.exit(1)
