@@ -8,7 +8,7 @@
 # Results land in $OUT (default benchmarks/results-gpu). Needs an environment with the project installed
 # with its train + export + test extras and the GPU packages:
 #   pip install -e '.[export,test,trt]' && pip uninstall -y onnxruntime && pip install onnxruntime-gpu
-# (onnxruntime and onnxruntime-gpu install the same module: keep only one; see the README). Offline,
+# (onnxruntime and onnxruntime-gpu install the same module: keep only one; see docs/runtime.md, "GPU extras"). Offline,
 # point WHEELS at a folder of wheels and they are installed from there first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
