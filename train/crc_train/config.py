@@ -105,7 +105,7 @@ class TrainConfig:
 
     #: passes over the training pairs.
     epochs: int = 10
-    #: pairs per optimiser step.
+    #: pairs per micro-batch and process (one optimiser step sees batch x accumulation_steps x processes).
     batch_size: int = 64
     #: Adam learning rate.
     lr: float = 1e-3
@@ -119,7 +119,7 @@ class TrainConfig:
     device: str = "auto"
     #: run directory; None = runs/<timestamp>-<backbone>-<fusion>.
     out: str | None = None
-    #: log a progress line every this many optimiser steps (and at the end of each epoch).
+    #: log a progress line every this many micro-batches (and at the end of each epoch).
     log_interval: int = 50
     #: micro-batches whose gradients are summed before one optimiser step (effective batch = batch x this).
     accumulation_steps: int = 1
