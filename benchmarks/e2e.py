@@ -43,26 +43,20 @@ def make_folder(folder: Path, pairs: int, size: int, seed: int = 0) -> Path:
 
 def end_to_end(bundle, folder: Path, batch_size: int, backend: str = "auto", iterations: int = 20) -> dict:
     """Stream ``folder`` through the runtime, then time the engine alone at the same batch size."""
-    from crc_runtime.backends import open_backend
     from crc_runtime.bench import bench_batch
     from crc_runtime.pairs import discover_pairs
-    from crc_runtime.predict import run_inference
+    from crc_runtime.predictor import Predictor
     from crc_runtime.timing import throughput
 
-    selection = open_backend(bundle, backend)
-    try:
+    with Predictor(bundle, backend, batch_size) as predictor:
         # A warmed engine, as in the engine-only measurement below: first-call set-up is not decoding.
-        bench_batch(selection.backend, batch_size, warmup_iters=2, iterations=1)
-        result = run_inference(
-            discover_pairs(folder), bundle, selection.backend, batch_size, keep_predictions=False
-        )
-        engine = bench_batch(selection.backend, batch_size, warmup_iters=3, iterations=iterations)
-    finally:
-        selection.backend.close()
+        bench_batch(predictor.backend, batch_size, warmup_iters=2, iterations=1)
+        result = predictor.predict_folder(discover_pairs(folder), keep_predictions=False)
+        engine = bench_batch(predictor.backend, batch_size, warmup_iters=3, iterations=iterations)
     e2e = throughput(result.processed, result.total_seconds)
     return {
-        "backend": selection.backend.name,
-        "artifact": selection.artifact["file"],
+        "backend": predictor.backend.name,
+        "artifact": predictor.artifact["file"],
         "batch_size": batch_size,
         "pairs": result.processed,
         "decode_workers": result.workers,

@@ -29,6 +29,7 @@ import e2e  # noqa: E402
 import footprint  # noqa: E402
 import paired  # noqa: E402
 import report  # noqa: E402
+from crc_runtime.backends.base import Backend, cpu_info  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
@@ -36,26 +37,35 @@ BACKENDS = (
     "torch-eager-fp32", "torch-amp-fp16", "torch-compile", "ort-cpu",
     "ort-cuda-fp32", "ort-cuda-fp16", "trt-fp16",
 )  # fmt: skip
-# The CPU ratio on a GPU machine; onnxruntime with default options and with spinning threads off.
-EXTRA = ("torch-eager-fp32-cpu", "ort-cpu-untuned", "ort-cpu-nospin")
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+# The CPU ratio on a GPU machine; onnxruntime with default options and with spinning threads off;
+# onnxruntime CUDA on model.onnx with TF32 allowed (a speed setting: its precision is reported as tf32).
+EXTRA = ("torch-eager-fp32-cpu", "ort-cpu-untuned", "ort-cpu-nospin", "ort-cuda-tf32")
 
 
 def build_bundle(work: Path, backbone: str, size: int, trt: bool) -> tuple[Path, Path]:
     """crc-train (1 epoch, 16 synthetic pairs) then crc-export; returns (run dir, bundle)."""
     run_dir, bundle = work / "run", work / "bundle"
+    # python -m, not the console scripts: the harness also runs from a checkout that is not installed
+    # (PYTHONPATH=train:export:runtime, as benchmarks/gpu_check.sh does on a borrowed GPU machine).
     if not (run_dir / "checkpoint.pt").is_file():
         subprocess.run(
-            [_bin("crc-train"), "--data-source", "synthetic", "--data-root", str(work / "data"), "--size",
-             str(size), "--backbone", backbone, "--epochs", "1", "--max-train-pairs", "16", "--batch-size",
-             "16", "--device", "cpu", "--quiet", "--out", str(run_dir)],
+            [sys.executable, "-m", "crc_train.cli", "--data-source", "synthetic", "--data-root",
+             str(work / "data"), "--size", str(size), "--backbone", backbone, "--epochs", "1",
+             "--max-train-pairs", "16", "--batch-size", "16", "--device", "cpu", "--quiet", "--out",
+             str(run_dir)],
             check=True,
         )  # fmt: skip
     if not (bundle / "manifest.json").is_file():
-        cmd = [_bin("crc-export"), str(run_dir), "-o", str(bundle), "--parity-pairs", "32"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crc_export.cli",
+            str(run_dir),
+            "-o",
+            str(bundle),
+            "--parity-pairs",
+            "32",
+        ]
         subprocess.run(cmd + (["--trt"] if trt else []), check=True)
     return run_dir, bundle
 
@@ -75,7 +85,7 @@ def trt_ready() -> str | None:
 
 
 def open_one(name: str, bundle, run_dir: Path):
-    """Open backend ``name``; returns (backend, None) or (None, why it cannot run here)."""
+    """Open and activate backend ``name``; returns (backend, None) or (None, why it cannot run here)."""
     import onnxruntime as ort
     import torch
     from crc_runtime.backends import find_engine
@@ -92,22 +102,24 @@ def open_one(name: str, bundle, run_dir: Path):
         if mode == "amp-fp16" and not gpu:
             return None, "torch AMP FP16 needs a CUDA device (torch sees none)"
         model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoint.pt"))
-        return TorchBackend(model, bundle.image_size, mode, device), None
+        return TorchBackend(model, bundle.image_size, mode, device).activate(), None
     if name in ("ort-cpu", "ort-cpu-untuned", "ort-cpu-nospin"):
         if name != "ort-cpu-untuned":
-            backend = OrtBackend(bundle.file("model.onnx"), device="cpu", spinning=name == "ort-cpu")
+            backend = OrtBackend(bundle.file("model.onnx"), "cpu", spinning=name == "ort-cpu").activate()
             backend.name = name
             return backend, None
-        return UntunedOrt(bundle.file("model.onnx")), None
+        return UntunedOrt(bundle.file("model.onnx")).activate(), None
     if name.startswith("ort-cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return None, "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
         precision = name.rsplit("-", 1)[1]
+        tf32 = precision == "tf32"
         try:
-            art = bundle.artifact(precision)
+            art = bundle.artifact("fp32" if tf32 else precision)
         except UserError as exc:
             return None, str(exc)
-        return OrtBackend(bundle.file(art["file"]), device="cuda", precision=precision), None
+        backend = OrtBackend(bundle.file(art["file"]), "cuda", precision=art["precision"], tf32=tf32)
+        return backend.activate(), None
     if name == "trt-fp16":
         why = trt_ready()
         if why is not None:
@@ -117,27 +129,36 @@ def open_one(name: str, bundle, run_dir: Path):
             return None, why
         from crc_runtime.backends.tensorrt import TrtBackend
 
-        return TrtBackend(bundle.file(art["file"]), art.get("engine"), precision="fp16"), None
+        return TrtBackend(bundle.file(art["file"]), art.get("engine"), precision="fp16").activate(), None
     return None, f"unknown backend {name}"
 
 
-class UntunedOrt:
+class UntunedOrt(Backend):
     """onnxruntime CPU with default SessionOptions: the baseline the runtime's tuning is measured against."""
-
-    name, precision, device = "ort-cpu-untuned", "fp32", "cpu"
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
+
+        super().__init__()
+        self.path = path
+        self.name, self.precision, self.device = "ort-cpu-untuned", "fp32", "cpu"
+        self.version = f"onnxruntime {ort.__version__}"
+        self.max_batch = None
+        self.timing_method = "host wall clock around session.run"
+        self.device_info = cpu_info()
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
         from crc_runtime.backends.onnxruntime import _spec
 
-        self.version = f"onnxruntime {ort.__version__}"
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         self.input_specs = [_spec(i) for i in self.session.get_inputs()]
+        self.output_specs = [_spec(o) for o in self.session.get_outputs()]
 
-    def infer(self, inputs):
+    def _infer(self, inputs):
         return {"logits": self.session.run(["logits"], inputs)[0]}
 
-    def close(self) -> None:
+    def _deactivate(self) -> None:
         self.session = None
 
 
@@ -157,14 +178,14 @@ def run_backends(names, bundle, run_dir, sizes, args) -> list[dict]:
             continue
         entry = {
             "backend": name,
-            "device": getattr(backend, "device", "?"),
+            "device": backend.device,
             "precision": backend.precision,
             "version": backend.version,
             "open_seconds": time.perf_counter() - t0,
             "results": [],
         }
         for n in sizes:
-            if n > getattr(backend, "max_batch", n):
+            if backend.max_batch is not None and n > backend.max_batch:
                 entry["results"].append({"batch_size": n, "skipped": "above the engine's max batch"})
                 continue
             log.info("%s batch %d", name, n)
@@ -177,7 +198,7 @@ def run_backends(names, bundle, run_dir, sizes, args) -> list[dict]:
             if "throughput_pairs_per_s" in row:
                 log.info("  %.1f pairs/s, p50 %.2f ms", row["throughput_pairs_per_s"],
                          row["latency"]["per_batch"]["median_ms"])  # fmt: skip
-        backend.close()
+        backend.deactivate()
         out.append(entry)
     return out
 
@@ -250,11 +271,12 @@ def main(argv: list[str] | None = None) -> None:
             from crc_runtime.backends.onnxruntime import OrtBackend
 
             torch.set_num_threads(args.paired_threads)
-            ort_cpu = OrtBackend(bundle.file("model.onnx"), intra_op_threads=args.paired_threads)
+            ort_cpu.deactivate()
+            ort_cpu = OrtBackend(bundle.file("model.onnx"), intra_op_threads=args.paired_threads).activate()
         results["paired_cpu"] = paired.paired_ratio(ort_cpu, torch_cpu, sizes, args.paired_rounds)
         results["settings"]["paired_threads"] = args.paired_threads or "default"
-        ort_cpu.close()
-        torch_cpu.close()
+        ort_cpu.deactivate()
+        torch_cpu.deactivate()
     if args.e2e_pairs:
         folder = e2e.make_folder(work / f"pairs-{args.e2e_pairs}", args.e2e_pairs, bundle.image_size)
         results["end_to_end"] = e2e.end_to_end(bundle, folder, args.e2e_batch)

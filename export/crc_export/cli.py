@@ -7,37 +7,19 @@ from pathlib import Path
 
 import click
 from crc_runtime.cli_options import setup_logging
+from crc_runtime.validate import THRESHOLD_KEYS, parse_threshold
 from crc_train.cli import missing_modules
 
 EXTRA_HINT = "crc-export needs the export extra: pip install 'crc-fusion[export]'"
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "onnx", "onnxscript", "onnxruntime")
 
 
-THRESHOLD_KEYS = (
-    "min_top1_agreement",
-    "max_abs_diff",
-    "max_mean_abs_diff",
-    "max_accuracy_delta",
-    "min_cosine",
-)
-
-
 def _threshold_override(ctx, param, values):
-    """``--threshold fp16.max_abs_diff=0.05`` -> [("fp16", "max_abs_diff", 0.05)]."""
-    parsed = []
-    for text in values:
-        key, sep, value = text.partition("=")
-        precision, dot, name = key.partition(".")
-        if not (sep and dot) or precision not in ("fp32", "fp16") or name not in THRESHOLD_KEYS:
-            raise click.BadParameter(
-                f"{text!r}: expected PRECISION.KEY=VALUE with PRECISION fp32 or fp16 and KEY one of "
-                f"{', '.join(THRESHOLD_KEYS)}"
-            )
-        try:
-            parsed.append((precision, name, float(value)))
-        except ValueError:
-            raise click.BadParameter(f"{text!r}: {value!r} is not a number") from None
-    return parsed
+    """``--threshold fp16.max_abs_diff=0.05`` -> [("fp16", "max_abs_diff", 0.05)] (the runtime's syntax)."""
+    try:
+        return [parse_threshold(text) for text in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from crc_runtime.backends.onnxruntime import OrtBackend
+from crc_runtime.backends import open_onnx
 from crc_runtime.errors import UserError
 from crc_runtime.validate import parity_row, run_reference
 
@@ -37,12 +37,12 @@ def run_onnx(
     device: str = "cpu",
     precision: str = "fp32",
 ) -> tuple[np.ndarray, str]:
-    """Logits of an ONNX file on onnxruntime (``device``: cpu, cuda or auto), and the backend's name."""
-    backend = OrtBackend(model_path, device=device, precision=precision)
-    try:
+    """Logits of an ONNX file on onnxruntime (``device``: cpu, cuda or auto), and the backend's name.
+
+    TF32 stays off on CUDA: this is a parity run (the runtime's ``open_onnx``).
+    """
+    with open_onnx(model_path, device=device, precision=precision) as backend:
         return run_reference(backend, ref, batch_size), backend.name
-    finally:
-        backend.close()
 
 
 def onnx_artifact(

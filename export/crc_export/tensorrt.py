@@ -2,8 +2,11 @@
 
 The precision of every layer comes from the ONNX graph itself (FP16 backbones, FP32 attention, pooling
 and head; see :mod:`crc_export.fp16`): the network is created STRONGLY_TYPED, which is how TensorRT 10
-builds mixed precision without builder flags and the only way in TensorRT 11 (no FP16 flag). Features
-are detected with ``hasattr``, never by parsing version strings.
+builds mixed precision without builder flags and the only way in TensorRT 11 (no FP16 flag). The TF32
+builder flag, on by default in TensorRT 10 and 11, is cleared: the layers the graph keeps in FP32 stay
+full FP32 (the policy of DESIGN.md "Parity"), and the engine record says ``"tf32": false``. One
+optimization profile, over the batch. Features are detected with ``hasattr``, never by parsing version
+strings.
 
 The engine is named after what it is tied to: ``<gpu-name>_sm<XY>_trt<version>.plan``, e.g.
 ``nvidia-h100-80gb-hbm3_sm90_trt10.13.0.plan``; the manifest's ``engine`` record repeats the GPU name,
@@ -125,6 +128,26 @@ def _profile_shapes(input_shapes: dict[str, tuple[int, ...]], cfg: TrtConfig) ->
     }
 
 
+def builder_config(trt, builder, shapes: dict[str, dict[str, list]], workspace_mib: int):
+    """The ``IBuilderConfig`` of every crc-export engine: workspace limit, TF32 off, one batch profile.
+
+    Args:
+        trt: The ``tensorrt`` module.
+        builder: A ``trt.Builder``.
+        shapes: Per input, its ``min`` / ``opt`` / ``max`` shapes (:func:`_profile_shapes`).
+        workspace_mib: Workspace memory limit.
+    """
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default: FP32 layers would round inputs to 10 bits
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    for input_name, s in shapes.items():
+        profile.set_shape(input_name, s["min"], s["opt"], s["max"])
+    config.add_optimization_profile(profile)  # exactly one: the runtime refuses engines with more
+    return config
+
+
 def build_engine(
     onnx_path: str | Path,
     out_dir: str | Path,
@@ -171,13 +194,8 @@ def build_engine(
             f"{onnx_path}: TensorRT's ONNX parser failed with {len(details)} error(s)", details
         )
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
-    profile = builder.create_optimization_profile()
     shapes = _profile_shapes(input_shapes, cfg)
-    for input_name, s in shapes.items():
-        profile.set_shape(input_name, s["min"], s["opt"], s["max"])
-    config.add_optimization_profile(profile)
+    config = builder_config(trt, builder, shapes, cfg.workspace_mib)
 
     seed = cfg.timing_cache or (previous_dir / cache_name if previous_dir is not None else None)
     seed_bytes = seed.read_bytes() if seed is not None and seed.is_file() else b""
@@ -206,6 +224,7 @@ def build_engine(
             "cuda_runtime": gpu.get("cuda_runtime"),
             "source": onnx_path.name,
             "strongly_typed": True,
+            "tf32": False,
             "profile": {
                 "min_batch": cfg.min_batch,
                 "opt_batch": cfg.opt_batch,
@@ -225,8 +244,5 @@ def engine_logits(engine_path: Path, record: dict, ref: dict, batch_size: int, d
     Raises:
         UserError: the backend refused or failed to run the engine (the caller records it as a failure).
     """
-    backend = TrtBackend(engine_path, record, precision="fp16", device=device)
-    try:
+    with TrtBackend(engine_path, record, precision="fp16", device=device) as backend:
         return run_reference(backend, ref, min(batch_size, backend.max_batch))
-    finally:
-        backend.close()

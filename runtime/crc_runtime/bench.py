@@ -97,7 +97,7 @@ def bench_batch(
         t0 = time.perf_counter()
         backend.infer(inputs)
         times.append(time.perf_counter() - t0)
-        for stage, ms in (getattr(backend, "last_timings", None) or {}).items():
+        for stage, ms in backend.last_timings.items():
             stages.setdefault(stage, []).append(ms)
         if iterations is not None:
             if len(times) >= iterations:
@@ -126,10 +126,11 @@ def run_bench(
 ) -> list[dict]:
     """:func:`bench_batch` for each batch size; sizes beyond an engine's profile get a skipped row."""
     rows = []
-    max_batch = getattr(backend, "max_batch", None)
     for n in batch_sizes:
-        if max_batch is not None and n > max_batch:
-            rows.append({"batch_size": n, "skipped": f"above the engine profile's max batch {max_batch}"})
+        if backend.max_batch is not None and n > backend.max_batch:
+            rows.append(
+                {"batch_size": n, "skipped": f"above the engine profile's max batch {backend.max_batch}"}
+            )
             continue
         log.info("bench %s batch %d", backend.name, n)
         rows.append(bench_batch(backend, n, warmup_iters, iterations, duration))

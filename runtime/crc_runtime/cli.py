@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,7 +25,9 @@ from .cli_options import (
     DEVICE,
     EXIT_INTERRUPTED,
     EXIT_SKIPPED,
+    GPU,
     REPORT,
+    TF32,
     THREADS,
     VERBOSE,
     DefaultGroup,
@@ -31,6 +35,9 @@ from .cli_options import (
     setup_logging,
 )
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .run_summary import FolderRun
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,27 @@ def cli() -> None:
     """
 
 
+@dataclass
+class RunOptions:
+    """The options of ``crc-infer FOLDER`` (see ``crc-infer run --help`` for each)."""
+
+    folder: Path
+    bundle_dir: Path
+    batch_size: int
+    device: str
+    gpu: int
+    output: Path | None
+    resume: bool
+    artifact_name: str | None
+    backend_name: str
+    cuda_graphs: bool
+    tf32: bool
+    workers: int | None
+    report: Path | None
+    threads: int | None
+    verbose: bool
+
+
 @cli.command(DEFAULT_COMMAND)
 @click.argument("folder", type=click.Path(path_type=Path))
 @BUNDLE
@@ -53,6 +81,7 @@ def cli() -> None:
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per model call."
 )
 @DEVICE
+@GPU
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
@@ -67,6 +96,7 @@ def cli() -> None:
 @ARTIFACT
 @BACKEND
 @CUDA_GRAPHS
+@TF32
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -77,65 +107,65 @@ def cli() -> None:
 @REPORT
 @THREADS
 @VERBOSE
-def run_command(
-    folder: Path,
-    bundle_dir: Path,
-    batch_size: int,
-    device: str,
-    output: Path | None,
-    resume: bool,
-    artifact_name: str | None,
-    backend_name: str,
-    cuda_graphs: bool,
-    workers: int | None,
-    report: Path | None,
-    threads: int | None,
-    verbose: bool,
-) -> None:
+def run_command(**options) -> None:
     """Predict every pair in FOLDER (pairs.csv, or pathology/ + radiology/ matched by file stem).
 
     Exit 0 when every pair was processed, 3 when predictions were written but some inputs were
     skipped (each listed with its reason), 1 on a user error or when nothing could be processed.
     """
-    from .backends import open_backend
+    from .run_summary import echo_run_summary
+
+    opts = RunOptions(**options)
+    setup_logging(opts.verbose)
+    try:
+        run = _run_folder(opts)
+    except UserError as exc:
+        fail(exc)
+    echo_run_summary(run)
+    if run.result.skipped:
+        sys.exit(EXIT_SKIPPED)
+
+
+def _run_folder(opts: RunOptions) -> FolderRun:
+    """Open the bundle on its backend, stream the folder through it, write predictions and the report."""
     from .bundle import MANIFEST_NAME, load_bundle, sha256_file
     from .pairs import discover_pairs
-    from .predict import prediction_columns, prediction_row, run_inference
+    from .predict import prediction_columns, prediction_row
     from .predictions import PredictionWriter
-    from .run_summary import echo_run_summary
+    from .predictor import Predictor
+    from .run_summary import FolderRun
     from .timing import folder_run_report
 
-    setup_logging(verbose)
-    output = output or folder / "predictions.csv"
-    try:
-        bundle = load_bundle(bundle_dir)
-        pairset = discover_pairs(folder, bundle.classes)
-        t0 = time.perf_counter()
-        selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
-        backend, artifact = selection.backend, selection.artifact
-        load_s = time.perf_counter() - t0
-        if output.is_dir() or not output.parent.is_dir():
-            raise UserError(
-                f"{output}: is a folder or its folder does not exist; pass a file path as --output"
-            )
-        if report is not None and (report.is_dir() or not report.parent.is_dir()):
-            raise UserError(
-                f"{report}: is a folder or its folder does not exist; pass a file path as --report"
-            )
+    output = opts.output or opts.folder / "predictions.csv"
+    bundle = load_bundle(opts.bundle_dir)
+    pairset = discover_pairs(opts.folder, bundle.classes)
+    with Predictor(
+        bundle,
+        opts.backend_name,
+        opts.batch_size,
+        artifact=opts.artifact_name,
+        device=opts.device,
+        gpu=opts.gpu,
+        threads=opts.threads,
+        cuda_graphs=opts.cuda_graphs,
+        tf32=opts.tf32,
+    ) as predictor:
+        for path, flag in ((output, "--output"), (opts.report, "--report")):
+            if path is not None and (path.is_dir() or not path.parent.is_dir()):
+                raise UserError(
+                    f"{path}: is a folder or its folder does not exist; pass a file path as {flag}"
+                )
         run_key = {
             "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
-            "artifact": artifact["file"],
+            "artifact": predictor.artifact["file"],
         }
-        writer = PredictionWriter(output, prediction_columns(bundle.classes), resume, run_key)
+        writer = PredictionWriter(output, prediction_columns(bundle.classes), opts.resume, run_key)
         try:
-            result = run_inference(
+            result = predictor.predict_folder(
                 pairset,
-                bundle,
-                backend,
-                batch_size,
                 skip_ids=writer.done_ids,
                 on_batch=lambda preds: writer.write_rows(prediction_row(p, bundle.classes) for p in preds),
-                workers=workers,
+                workers=opts.workers,
                 keep_predictions=False,  # rows stream to the writer: memory stays flat
             )
         except KeyboardInterrupt:  # Ctrl-C: what is on disk stays there, one line says how to go on
@@ -145,38 +175,21 @@ def run_command(
                 err=True,
             )
             sys.exit(EXIT_INTERRUPTED)
-        finally:
-            backend.close()
-        if not result.processed and not result.resumed:
-            writer.discard()
-            first = result.skipped[0] if result.skipped else None
-            raise UserError(
-                f"{folder}: no pair could be processed ({len(result.skipped)} skipped"
-                + (f"; first: {first.item}: {first.reason})" if first else ")")
-            )
-        try:
-            writer.finalize(order=[p.id for p in pairset.pairs])
-        except OSError as exc:
-            raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
-        run_report = folder_run_report(result, backend, selection, batch_size, load_s)
-        if report is not None:
-            _write_report(report, run_report)
-    except UserError as exc:
-        fail(exc)
-    echo_run_summary(
-        result,
-        selection,
-        pairset,
-        writer,
-        run_report,
-        load_s=load_s,
-        batch_size=batch_size,
-        resume=resume,
-        output=output,
-        report=report,
-    )
-    if result.skipped:
-        sys.exit(EXIT_SKIPPED)
+    if not result.processed and not result.resumed:
+        writer.discard()
+        first = result.skipped[0] if result.skipped else None
+        raise UserError(
+            f"{opts.folder}: no pair could be processed ({len(result.skipped)} skipped"
+            + (f"; first: {first.item}: {first.reason})" if first else ")")
+        )
+    try:
+        writer.finalize(order=[p.id for p in pairset.pairs])
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
+    report = folder_run_report(result, predictor)
+    if opts.report is not None:
+        _write_report(opts.report, report)
+    return FolderRun(result, predictor, pairset, writer, report, output, opts.report, opts.resume)
 
 
 def _write_report(path: Path, report: dict) -> None:
@@ -198,7 +211,9 @@ def _write_report(path: Path, report: dict) -> None:
 @BACKEND
 @ARTIFACT
 @DEVICE
+@GPU
 @CUDA_GRAPHS
+@TF32
 @click.option("--warmup-iters", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option(
     "--iterations",
@@ -222,7 +237,9 @@ def bench_command(
     backend_name: str,
     artifact_name: str | None,
     device: str,
+    gpu: int,
     cuda_graphs: bool,
+    tf32: bool,
     warmup_iters: int,
     iterations: int | None,
     duration: float,
@@ -240,20 +257,18 @@ def bench_command(
     try:
         sizes = parse_batch_sizes(batch_sizes)
         bundle = load_bundle(bundle_dir)
-        selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
-        try:
-            rows = run_bench(selection.backend, sizes, warmup_iters, iterations, duration)
+        selection = open_backend(bundle, backend_name, artifact_name, device, gpu, threads, cuda_graphs, tf32)
+        with selection.backend as backend:
+            rows = run_bench(backend, sizes, warmup_iters, iterations, duration)
             bench_report = {
                 "kind": "crc-infer bench",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "environment": environment(selection.backend),
-                "backend": backend_section(selection.backend, selection.artifact, selection.reason),
+                "environment": environment(backend),
+                "backend": backend_section(backend, selection.artifact, selection.reason),
                 "inputs": "synthetic uint8, fixed seed 0",
                 "cuda_graphs": cuda_graphs,
                 "results": rows,
             }
-        finally:
-            selection.backend.close()
         if report is not None:
             _write_report(report, bench_report)
     except UserError as exc:
@@ -273,28 +288,64 @@ def bench_command(
         click.echo(f"report: {report}")
 
 
+def _threshold_overrides(ctx, param, values) -> dict[str, dict[str, float]]:
+    """``--threshold fp16.max_abs_diff=0.05`` (repeatable) -> ``{"fp16": {"max_abs_diff": 0.05}}``."""
+    from .validate import parse_threshold
+
+    overrides: dict[str, dict[str, float]] = {}
+    for text in values:
+        try:
+            precision, key, value = parse_threshold(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        overrides.setdefault(precision, {})[key] = value
+    return overrides
+
+
 @cli.command("validate")
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @DEVICE
+@GPU
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Pairs per model call."
+)
+@click.option(
+    "--threshold",
+    "overrides",
+    multiple=True,
+    callback=_threshold_overrides,
+    metavar="PRECISION.KEY=VALUE",
+    help="Gate with this threshold instead of the one the manifest records for each artifact of that "
+    "precision (repeatable), e.g. fp32.max_abs_diff=0.002.",
 )
 @THREADS
 @VERBOSE
 def validate_command(
-    bundle_dir: Path, device: str, batch_size: int, threads: int | None, verbose: bool
+    bundle_dir: Path,
+    device: str,
+    gpu: int,
+    batch_size: int,
+    overrides: dict[str, dict[str, float]],
+    threads: int | None,
+    verbose: bool,
 ) -> None:
-    """Run every usable ONNX artifact of BUNDLE on its reference.npz and gate parity with PyTorch."""
+    """Run every usable artifact of BUNDLE (ONNX on onnxruntime, engines on TensorRT where this machine
+    can) on its reference.npz and gate parity with PyTorch, with the thresholds the manifest records.
+    """
     from .bundle import load_bundle
     from .validate import format_parity_table, validate_bundle
 
     setup_logging(verbose)
     try:
         bundle = load_bundle(bundle_dir)
-        rows = validate_bundle(bundle, device=device, batch_size=batch_size, intra_op_threads=threads)
+        rows = validate_bundle(bundle, device, batch_size, overrides, threads, gpu)
     except UserError as exc:
         fail(exc)
     click.echo(format_parity_table(rows))
+    for r in rows:
+        if r["passed"] is not None:
+            limits = ", ".join(f"{k} {v:g}" for k, v in r["thresholds"].items())
+            click.echo(f"  {r['artifact']}: thresholds from {r['thresholds_source']}: {limits}")
     ran = [r for r in rows if r["passed"] is not None]
     if ran and all(r["passed"] for r in ran):
         click.echo(f"PASSED: {len(ran)} artifact(s) match the PyTorch reference")

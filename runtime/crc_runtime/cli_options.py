@@ -16,12 +16,48 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the rows written so far stay in
 
 
 class DefaultGroup(click.Group):
-    """A group that runs :data:`DEFAULT_COMMAND` when the first argument names no subcommand."""
+    """A group that runs :data:`DEFAULT_COMMAND` when the first argument names no subcommand.
+
+    A first argument that names a subcommand and is also a folder of pairs here (one holding pairs.csv,
+    pathology/ or radiology/) is taken as that folder, with a note saying so: ``crc-infer validate
+    --bundle B`` runs on ./validate when it holds pairs. When a subcommand's own arguments do not parse,
+    the usage error says how to pass a folder of that name instead (``crc-infer run ./validate``).
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = [DEFAULT_COMMAND, *args]
+        if args and args[0] not in ctx.help_option_names:
+            first = args[0]
+            if first not in self.commands:
+                args = [DEFAULT_COMMAND, *args]
+            elif first != DEFAULT_COMMAND and _holds_pairs(first):
+                click.echo(
+                    f"note: {first} is a folder of image pairs here, so crc-infer runs on it "
+                    f"(crc-infer {DEFAULT_COMMAND} ./{first}); for the {first} command, run it from "
+                    "another folder",
+                    err=True,
+                )
+                args = [DEFAULT_COMMAND, *args]
+            else:
+                ctx.meta["crc_infer.command_typed"] = first
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            typed = ctx.meta.get("crc_infer.command_typed")
+            if typed not in (None, DEFAULT_COMMAND) and exc.ctx is not None and exc.ctx.info_name == typed:
+                exc.message += (
+                    f"; to run on a folder named {typed}, pass it as: crc-infer {DEFAULT_COMMAND} "
+                    f"./{typed} --bundle BUNDLE"
+                )
+            raise
+
+
+def _holds_pairs(name: str) -> bool:
+    """Whether ``name`` is a folder with the input layout of ``crc-infer FOLDER``."""
+    folder = Path(name)
+    return (folder / "pairs.csv").is_file() or any((folder / m).is_dir() for m in ("pathology", "radiology"))
 
 
 def setup_logging(verbose: bool) -> None:
@@ -40,8 +76,21 @@ DEVICE = click.option(
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
     show_default=True,
-    help="With --backend auto: cpu forces onnxruntime CPU, cuda insists on a GPU backend and fails loudly "
-    "without one. validate: the onnxruntime provider (auto: CUDA when it starts, else the CPU).",
+    help="Where the model runs: cpu (onnxruntime on the CPU), cuda (a GPU backend, never the CPU: "
+    "fails with the reason when none starts) or auto (a GPU backend when one starts, else the CPU).",
+)
+GPU = click.option(
+    "--gpu",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="CUDA device ordinal for the GPU backends (the report's device says cuda:N).",
+)
+TF32 = click.option(
+    "--tf32",
+    is_flag=True,
+    help="ort-cuda: let FP32 math run in TF32 (faster on Ampere and newer, less exact; the report's "
+    "precision says tf32). Off by default; parity checks never use it.",
 )
 THREADS = click.option(
     "--threads",

@@ -185,7 +185,64 @@ def load_image(
     if color_mode not in CHANNELS:
         raise ValueError(f"color_mode must be one of {sorted(CHANNELS)}, got {color_mode!r}")
     check_regular_file(path)
-    img = _decode(path, max_pixels)
+    return _conform(_decode(path, max_pixels), color_mode, size, path)
+
+
+def conform_image(
+    image: Image.Image | np.ndarray, color_mode: str, size: int, name: str = "image"
+) -> np.ndarray:
+    """An image already in memory through the rules :func:`load_image` applies to a file.
+
+    A Pillow image gets its EXIF orientation applied; a numpy array must be uint8 ``[H, W]``,
+    ``[H, W, 1]``, ``[H, W, 3]`` (RGB) or ``[H, W, 4]`` (RGBA). Then the same size limits, conversion
+    policy (module docstring) and resize rule as for a file.
+
+    Args:
+        image: A ``PIL.Image.Image`` or a numpy array.
+        color_mode: ``"RGB"`` (pathology) or ``"L"`` (radiology).
+        size: S, the side of the model's square input.
+        name: How error messages name the image (e.g. ``pathology[3]``).
+
+    Returns:
+        uint8 array ``[size, size, C]``.
+
+    Raises:
+        ImageError: One line naming the image and what is wrong.
+    """
+    if color_mode not in CHANNELS:
+        raise ValueError(f"color_mode must be one of {sorted(CHANNELS)}, got {color_mode!r}")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ImageError(
+                f"{name}: refused, numpy dtype {image.dtype}; pass uint8 pixels", "unsupported mode"
+            )
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ImageError(
+                f"{name}: refused, array shape {list(image.shape)}; expected [H, W], [H, W, 1], [H, W, 3] "
+                "or [H, W, 4]",
+                "unsupported mode",
+            )
+        image = Image.fromarray(np.ascontiguousarray(image))
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"{name}: expected a PIL image or a numpy array, given {type(image).__name__}")
+    width, height = image.size
+    if width * height > MAX_PIXELS or min(width, height) < MIN_SIDE:
+        raise ImageError(
+            f"{name}: refused, {width}x{height} is outside {MIN_SIDE}x{MIN_SIDE} .. {MAX_PIXELS:,} pixels",
+            "too large" if width * height > MAX_PIXELS else "too small",
+        )
+    try:
+        image.load()  # a lazily opened image decodes here: truncated data fails with its name
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # noqa: BLE001 (truncated data and damaged EXIF raise many types in Pillow)
+        raise ImageError(f"{name}: truncated or corrupt ({_why(exc)})", "truncated or corrupt") from None
+    return _conform(image, color_mode, size, name)
+
+
+def _conform(img: Image.Image, color_mode: str, size: int, path: str | os.PathLike) -> np.ndarray:
+    """Convert a decoded image to ``color_mode`` and apply the resize rule; ``[size, size, C]`` uint8."""
     try:
         converted = _to_mode(img, color_mode, path)
         if converted.size != (size, size):

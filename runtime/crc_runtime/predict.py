@@ -1,9 +1,7 @@
-"""The inference pipeline: decode + resize pairs in a bounded thread pool, batch them, run a backend."""
+"""The folder pipeline: decode + resize pairs in a bounded thread pool, batch them, run a Predictor."""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import re
@@ -12,15 +10,18 @@ from collections import deque
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_write_text
 from .backends.base import Backend
 from .bundle import Bundle
 from .errors import BundleError, ImageError
 from .images import CHANNELS, load_image
 from .pairs import Pair, PairSet, Skip
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ class InferenceResult:
     stage_ms: dict[str, list[float]] = field(default_factory=dict)  # backend stages per batch (h2d, ...)
     decode_wait_seconds: float = 0.0  # time inference waited for decoding (0 when decode keeps up)
     workers: int = 0
-
-    @property
-    def accuracy(self) -> tuple[float, int] | None:
-        """(accuracy, labelled pairs), or None when no pair has a label."""
-        if not self.labelled:
-            return None
-        return self.correct / self.labelled, self.labelled
 
 
 def resolve_label(label: str | None, classes: list[str]) -> int | None:
@@ -138,9 +132,7 @@ def default_workers() -> int:
 
 def run_inference(
     pairset: PairSet,
-    bundle: Bundle,
-    backend: Backend,
-    batch_size: int = 32,
+    predictor: Predictor,
     warmup: bool = True,
     skip_ids: Collection[str] = frozenset(),
     on_batch: Callable[[list[Prediction]], None] | None = None,
@@ -157,9 +149,9 @@ def run_inference(
 
     Args:
         pairset: Pairs from :func:`crc_runtime.pairs.discover_pairs`.
-        bundle: The loaded bundle (classes, inputs, resize size).
-        backend: Any :class:`~crc_runtime.backends.base.Backend`.
-        batch_size: Pairs per model call.
+        predictor: The open :class:`~crc_runtime.predictor.Predictor` (bundle, backend, batch size);
+            each batch is one :meth:`~crc_runtime.predictor.Predictor.infer` call, the step
+            :meth:`~crc_runtime.predictor.Predictor.predict` makes too.
         warmup: Treat the first batch as the warm-up: its predictions are kept, but its time (lazy
             initialisation, first-call allocations) goes to ``warmup_seconds``, not to the latency
             statistics. Nothing is computed twice, so a one-batch job costs one model call.
@@ -171,33 +163,24 @@ def run_inference(
         keep_predictions: Keep every Prediction in ``result.predictions``; False keeps memory flat
             (counts and accuracy are still kept; use ``on_batch`` to see the rows).
     """
-    plan = input_plan(bundle)
-    check_backend(bundle, backend)
+    bundle, plan, batch_size = predictor.bundle, predictor.plan, predictor.batch_size
     workers = default_workers() if workers is None else max(0, int(workers))
     result = InferenceResult(skipped=list(pairset.skipped), batch_size=batch_size, workers=workers)
     start = time.perf_counter()
     batch: list[tuple[Pair, int | None, dict[str, np.ndarray]]] = []
 
     def flush() -> None:
-        inputs = {name: np.stack([b[2][name] for b in batch]) for name, _ in plan}
-        t0 = time.perf_counter()
-        logits = backend.infer(inputs)["logits"]
-        seconds = time.perf_counter() - t0
+        out = predictor.infer({name: np.stack([b[2][name] for b in batch]) for name, _ in plan})
         if warmup and not result.warmup_pairs:
-            result.warmup_seconds, result.warmup_pairs = seconds, len(batch)
+            result.warmup_seconds, result.warmup_pairs = predictor.last_seconds, len(batch)
         else:
-            result.batch_seconds.append(seconds)
+            result.batch_seconds.append(predictor.last_seconds)
             result.batch_pairs.append(len(batch))
-            for stage, ms in (getattr(backend, "last_timings", None) or {}).items():
+            for stage, ms in predictor.backend.last_timings.items():
                 result.stage_ms.setdefault(stage, []).append(ms)
-        if logits.ndim != 2 or logits.shape[1] != len(bundle.classes):
-            raise BundleError(
-                f"{bundle.path}: model gives logits {list(logits.shape)} but the manifest "
-                f"lists {len(bundle.classes)} classes; re-export the bundle"
-            )
         preds = [
             Prediction(pair.id, probs, int(probs.argmax()), label)
-            for (pair, label, _), probs in zip(batch, softmax(logits), strict=True)
+            for (pair, label, _), probs in zip(batch, out.probs, strict=True)
         ]
         result.processed += len(preds)
         for p in preds:
@@ -278,12 +261,3 @@ def prediction_row(p: Prediction, classes: list[str]) -> list[str]:
     label = "" if p.label is None else classes[p.label]
     correct = "" if p.label is None else str(int(p.predicted == p.label))
     return [p.id, classes[p.predicted], *(f"{x:.6f}" for x in p.probs), label, correct]
-
-
-def write_predictions(path: str | os.PathLike, result: InferenceResult, classes: list[str]) -> None:
-    """Write predictions.csv atomically in one go (the CLI streams rows with PredictionWriter instead)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(prediction_columns(classes))
-    writer.writerows(prediction_row(p, classes) for p in result.predictions)
-    atomic_write_text(path, buf.getvalue())

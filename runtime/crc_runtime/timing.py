@@ -10,8 +10,14 @@ import json
 import logging
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .predict import InferenceResult
+    from .predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +86,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def environment(backend=None) -> dict:
-    """Host, library versions and, for GPU backends, the CUDA device that produced the numbers."""
+def environment(backend: Backend | None = None) -> dict:
+    """Host, library versions and, for a GPU backend, the device that produced the numbers."""
     import platform
 
     env = {
@@ -97,29 +103,22 @@ def environment(backend=None) -> dict:
             if (v := _version(dist)) is not None
         },
     }
-    if backend is not None and getattr(backend, "device", "cpu") == "cuda":
-        info = getattr(backend, "device_info", None)
-        if info is None:
-            try:
-                from .backends.cuda import device_info
-
-                info = device_info()
-            except Exception as exc:  # cuda-bindings absent: say so rather than fail the report
-                info = {"error": str(exc)}
-        env["gpu"] = info
+    if backend is not None and backend.device != "cpu":
+        env["gpu"] = backend.device_info
     return env
 
 
-def backend_section(backend, artifact: dict | None = None, reason: str | None = None) -> dict:
+def backend_section(backend: Backend, artifact: dict | None = None, reason: str | None = None) -> dict:
     """What ran: backend name and version, device, precision, artifact, why it was chosen."""
     return {
         "name": backend.name,
-        "version": getattr(backend, "version", None),
-        "device": getattr(backend, "device", None),
-        "precision": getattr(backend, "precision", None),
+        "version": backend.version,
+        "device": backend.device,
+        "precision": backend.precision,
+        "max_batch": backend.max_batch,
         "artifact": (artifact or {}).get("file"),
         "selected_because": reason,
-        "stage_timing": getattr(backend, "timing_method", "CUDA events" if backend.name == "trt" else None),
+        "stage_timing": backend.timing_method,
     }
 
 
@@ -156,27 +155,25 @@ def format_latency_table(section: dict) -> str:
     return "\n".join(rows)
 
 
-def folder_run_report(result, backend, selection, batch_size: int, load_s: float) -> dict:
+def folder_run_report(result: InferenceResult, predictor: Predictor) -> dict:
     """The latency report of a folder run (DESIGN.md "Latency report").
 
     Args:
-        result: The :class:`~crc_runtime.predict.InferenceResult`.
-        backend: The backend that ran.
-        selection: The :class:`~crc_runtime.backends.Selection` (artifact, reason).
-        batch_size: Pairs per call.
-        load_s: Seconds it took to open the backend.
+        result: What :meth:`~crc_runtime.predictor.Predictor.predict_folder` returned.
+        predictor: The predictor that ran it (backend, artifact, batch size, load time).
     """
     import time
 
+    backend = predictor.backend
     engine_s = sum(result.batch_seconds) + result.warmup_seconds  # every model call: all pairs processed
     return {
         "kind": "crc-infer run",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(backend),
-        "backend": backend_section(backend, selection.artifact, selection.reason),
-        "batch_size": batch_size,
+        "backend": backend_section(backend, predictor.artifact, predictor.reason),
+        "batch_size": predictor.batch_size,
         "decode_workers": result.workers,
-        "model_load_seconds": load_s,
+        "model_load_seconds": predictor.load_seconds,
         # The first batch is the warm-up: its predictions are kept, its time is outside "latency".
         "warmup": {
             "iterations": 1 if result.warmup_pairs else 0,

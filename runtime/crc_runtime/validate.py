@@ -2,22 +2,51 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
 import numpy as np
 
+from .backends import ENGINE_KIND, open_backend
 from .bundle import Bundle
 from .errors import BackendError, BundleError, UserError
 
 log = logging.getLogger(__name__)
 
+#: Every parity threshold the gate knows (``min_*``: a lower bound; ``max_*``: an upper bound).
+THRESHOLD_KEYS = (
+    "min_top1_agreement",
+    "max_abs_diff",
+    "max_mean_abs_diff",
+    "max_accuracy_delta",
+    "min_cosine",
+)
+#: The gate's defaults per precision (DESIGN.md "Parity"); crc-export records the ones it used per
+#: artifact in the manifest, and ``crc-infer validate`` gates with those.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"min_top1_agreement": 1.0, "max_abs_diff": 1e-3},
     "fp16": {"min_top1_agreement": 0.995, "max_accuracy_delta": 0.005},
 }
 REFERENCE_INPUTS = ("pathology", "radiology")
+
+
+def parse_threshold(text: str) -> tuple[str, str, float]:
+    """``fp16.max_abs_diff=0.05`` -> ``("fp16", "max_abs_diff", 0.05)`` (the ``--threshold`` syntax).
+
+    Raises:
+        ValueError: One line saying what the syntax is and which part is wrong.
+    """
+    key, sep, value = text.partition("=")
+    precision, dot, name = key.partition(".")
+    if not (sep and dot) or precision not in DEFAULT_THRESHOLDS or name not in THRESHOLD_KEYS:
+        raise ValueError(
+            f"{text!r}: expected PRECISION.KEY=VALUE with PRECISION {' or '.join(DEFAULT_THRESHOLDS)} and "
+            f"KEY one of {', '.join(THRESHOLD_KEYS)}"
+        )
+    try:
+        return precision, name, float(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value!r} is not a number") from None
 
 
 def compare_logits(reference_logits: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict:
@@ -80,13 +109,7 @@ def gate(metrics: dict, precision: str, thresholds: dict | None = None) -> tuple
                 f"no parity thresholds for precision {precision!r}; known: {sorted(DEFAULT_THRESHOLDS)}"
             )
         thresholds = DEFAULT_THRESHOLDS[precision]
-    unknown = set(thresholds) - {
-        "min_top1_agreement",
-        "max_abs_diff",
-        "max_mean_abs_diff",
-        "max_accuracy_delta",
-        "min_cosine",
-    }
+    unknown = set(thresholds) - set(THRESHOLD_KEYS)
     if unknown:
         raise UserError(f"unknown parity threshold(s) {sorted(unknown)}")
     needed = passing_thresholds(metrics, thresholds)
@@ -132,68 +155,108 @@ def parity_row(ref: dict[str, np.ndarray], logits: np.ndarray, precision: str, l
     }
 
 
+def artifact_thresholds(
+    art: dict, overrides: dict[str, dict[str, float]] | None = None
+) -> tuple[dict[str, float], str]:
+    """The thresholds an artifact is gated with, and where they come from.
+
+    The manifest is the contract: each artifact is gated with the thresholds crc-export recorded for it
+    (``parity.thresholds``), each key replaced where ``overrides`` (``--threshold`` on the command line)
+    gives one for its precision. A manifest that records none (written before crc-export recorded
+    them) gets :data:`DEFAULT_THRESHOLDS`.
+
+    Raises:
+        BundleError: The recorded thresholds are not a mapping of known keys to numbers, or there are
+            no thresholds at all for the artifact's precision.
+    """
+    where = art.get("file")
+    precision = art.get("precision", "fp32")
+    recorded = (art.get("parity") or {}).get("thresholds")
+    if recorded is None:
+        base, source = DEFAULT_THRESHOLDS.get(precision), "defaults (none recorded in the manifest)"
+    else:
+        valid = isinstance(recorded, dict) and all(
+            key in THRESHOLD_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for key, v in recorded.items()
+        )
+        if not valid:
+            raise BundleError(
+                f"{where}: manifest parity thresholds {recorded!r} are not a mapping of "
+                f"{', '.join(THRESHOLD_KEYS)} to numbers; re-export the bundle"
+            )
+        base, source = {k: float(v) for k, v in recorded.items()}, "manifest"
+    given = (overrides or {}).get(precision) or {}
+    if base is None and not given:
+        raise BundleError(f"{where}: no parity thresholds for precision {precision!r}")
+    if given:
+        source += f" + command line ({', '.join(sorted(given))})"
+    return {**(base or {}), **given}, source
+
+
 def validate_bundle(
     bundle: Bundle,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 64,
-    thresholds: dict | None = None,
+    overrides: dict[str, dict[str, float]] | None = None,
     intra_op_threads: int | None = None,
+    gpu: int = 0,
 ) -> list[dict]:
     """Run every usable artifact on reference.npz and gate it; the others get a skipped row.
 
-    ONNX artifacts run on onnxruntime (``device``); TensorRT engines on the native TensorRT backend when
-    this machine can run them (TensorRT, cuda-bindings, the GPU and release the engine was built for),
-    else they get a skipped row saying why (crc-export gated them on the machine that built them).
+    ONNX artifacts run on onnxruntime where ``device`` says (``cpu``, ``cuda``, or ``auto``: CUDA when
+    it starts), always with TF32 off; TensorRT engines on the TensorRT backend when this machine can run
+    them (TensorRT, cuda-bindings, the GPU and release the engine was built for, and a device other than
+    ``cpu``), else they get a skipped row saying why (crc-export gated them on the machine that built
+    them). Each artifact is gated with the thresholds of :func:`artifact_thresholds`.
+
+    Args:
+        bundle: The loaded bundle.
+        device: ``auto``, ``cpu`` or ``cuda``: where the ONNX artifacts run.
+        batch_size: Pairs per model call.
+        overrides: ``{precision: {key: value}}`` from ``--threshold``, over the manifest's thresholds.
+        intra_op_threads: onnxruntime intra-op threads.
+        gpu: CUDA device ordinal.
 
     Returns:
         One row per artifact: artifact, backend, precision, the metrics of :func:`compare_logits`,
-        passed (True/False, or None when skipped), reasons, thresholds, would_pass_with.
+        passed (True/False, or None when skipped), reasons, thresholds, thresholds_source,
+        would_pass_with.
     """
-    thresholds = copy.deepcopy(thresholds or DEFAULT_THRESHOLDS)
     ref = bundle.load_reference()
     rows = []
     for art in bundle.artifacts:
         name, precision = art.get("file"), art.get("precision", "fp32")
         row = {"artifact": name, "precision": precision, "backend": "-", "passed": None, "reasons": []}
-        if art.get("kind") not in ("onnx", "tensorrt"):
+        if art.get("kind") not in ("onnx", ENGINE_KIND):
             row["reasons"] = [f"kind {art.get('kind')!r}: no backend for it in this runtime"]
         elif art.get("usable") is not True:
             recorded = "; ".join((art.get("parity") or {}).get("reasons") or []) or "no reason recorded"
             row["reasons"] = [f"marked unusable by crc-export: {recorded}"]
+        elif art.get("kind") == ENGINE_KIND and device == "cpu":
+            row["reasons"] = ["--device cpu: TensorRT engines run only on a GPU"]
         else:
-            backend = _open(bundle, art, device, intra_op_threads, row)
-            if backend is not None:
-                try:
+            limits, source = artifact_thresholds(art, overrides)
+            engine = art.get("kind") == ENGINE_KIND
+            try:
+                selection = open_backend(
+                    bundle, "trt" if engine else "auto", name, device, gpu, intra_op_threads
+                )
+            except BackendError as exc:
+                if not engine:  # the ONNX artifacts must run: an onnxruntime that cannot is an error
+                    raise
+                row["reasons"] = [f"cannot run here: {exc}"]
+            else:
+                with selection.backend as backend:
                     logits = run_reference(backend, ref, batch_size)
-                finally:
-                    backend.close()
-                limits = thresholds.get(precision)
-                if limits is None:
-                    raise BundleError(
-                        f"{bundle.path / name}: no parity thresholds for precision {precision!r}"
-                    )
-                row.update(parity_row(ref, logits, precision, limits), backend=backend.name)
+                row.update(
+                    parity_row(ref, logits, precision, limits),
+                    backend=backend.name,
+                    device=backend.device,
+                    thresholds_source=source,
+                )
         log.info("%s: %s", name, row)
         rows.append(row)
     return rows
-
-
-def _open(bundle: Bundle, art: dict, device: str, intra_op_threads: int | None, row: dict):
-    """The backend for a usable artifact; None, the reason put in ``row``, for an engine not runnable here."""
-    path = bundle.artifact_path(art)
-    if art.get("kind") == "onnx":
-        from .backends.onnxruntime import OrtBackend  # onnxruntime only when something runs
-
-        return OrtBackend(
-            path, device=device, intra_op_threads=intra_op_threads, precision=art.get("precision", "fp32")
-        )
-    from .backends.tensorrt import TrtBackend
-
-    try:
-        return TrtBackend(path, art.get("engine"), precision=art.get("precision", "fp16"))
-    except BackendError as exc:
-        row["reasons"] = [f"cannot run here: {exc}"]
-        return None
 
 
 def _fmt(value, spec: str) -> str:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 from crc_export.cli import export_command
-from crc_export.tensorrt import TrtConfig, engine_file_name
+from crc_export.tensorrt import TrtConfig, _profile_shapes, builder_config, engine_file_name
 from crc_runtime.errors import UserError
 
 
@@ -54,6 +55,58 @@ def test_profile_must_be_ordered():
         TrtConfig(min_batch=8, opt_batch=4, max_batch=16).validate()
     with pytest.raises(UserError, match="workspace"):
         TrtConfig(workspace_mib=0).validate()
+
+
+class _RecordingBuilder:
+    """Stands in for ``trt.Builder``: records what crc-export asks of the builder config and profiles."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def create_builder_config(self):
+        calls = self.calls
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                calls.append(("pool", pool, size))
+
+            def set_flag(self, flag):
+                calls.append(("set", flag))
+
+            def clear_flag(self, flag):
+                calls.append(("clear", flag))
+
+            def add_optimization_profile(self, profile):
+                calls.append(("profile", dict(profile.shapes)))
+                return 0
+
+        return Config()
+
+    def create_optimization_profile(self):
+        class Profile:
+            shapes: dict = {}
+
+            def set_shape(self, name, min_shape, opt_shape, max_shape):
+                self.shapes = {**self.shapes, name: (min_shape, opt_shape, max_shape)}
+
+        return Profile()
+
+
+@pytest.mark.parametrize("has_tf32_flag", [True, False])
+def test_builder_config_turns_tf32_off_and_holds_one_profile(has_tf32_flag):
+    """TensorRT enables TF32 for FP32 layers by default; crc-export's engines keep FP32 layers FP32."""
+    flags = SimpleNamespace(TF32="TF32") if has_tf32_flag else SimpleNamespace()  # detected with hasattr
+    trt = SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"), BuilderFlag=flags)
+    builder = _RecordingBuilder()
+    shapes = _profile_shapes({"pathology": (28, 28, 3), "radiology": (28, 28, 1)}, TrtConfig(opt_batch=16))
+    builder_config(trt, builder, shapes, 1024)
+    assert ("pool", "workspace", 1024 << 20) in builder.calls
+    assert [c for c in builder.calls if c[0] in ("set", "clear")] == (
+        [("clear", "TF32")] if has_tf32_flag else []
+    )
+    (profile,) = [c[1] for c in builder.calls if c[0] == "profile"]
+    assert profile["pathology"] == ([1, 28, 28, 3], [16, 28, 28, 3], [256, 28, 28, 3])
+    assert profile["radiology"] == ([1, 28, 28, 1], [16, 28, 28, 1], [256, 28, 28, 1])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
@@ -115,6 +168,7 @@ def test_engine_build_parity_and_timing_cache_reuse(tiny_run, tmp_path):
     assert engine["usable"] is True and engine["parity"]["passed"] is True
     assert engine["parity"]["top1_agreement"] >= 0.995
     assert record["strongly_typed"] is True and record["source"] == "model.fp16.onnx"
+    assert record["tf32"] is False
     profile = record["profile"]
     assert [profile["min_batch"], profile["opt_batch"], profile["max_batch"]] == [1, 16, 64]
     assert profile["shapes"]["pathology"] == {

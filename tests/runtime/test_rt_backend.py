@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from crc_runtime.backends import open_backend
+from crc_runtime.backends import cuda_provider, open_backend, open_onnx
 from crc_runtime.backends.base import Backend, TensorSpec, check_inputs
-from crc_runtime.backends.onnxruntime import OrtBackend, ProviderStartError, resolve_device
+from crc_runtime.backends.onnxruntime import OrtBackend, ProviderStartError
 from crc_runtime.bundle import load_bundle
 from crc_runtime.errors import BackendError, UserError
 from crc_runtime.timing import format_latency, summarize, throughput
@@ -65,10 +65,10 @@ def test_cuda_on_cpu_only_onnxruntime_is_loud(tiny):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(UserError) as exc:
-        OrtBackend(tiny.bundle / "model.onnx", device="cuda")
+        OrtBackend(tiny.bundle / "model.onnx", device="cuda").activate()
     msg = str(exc.value)
     assert "CUDAExecutionProvider" in msg and "CPUExecutionProvider" in msg and "available providers" in msg
-    assert resolve_device("auto") == "cpu"
+    assert not cuda_provider()
 
 
 @pytest.fixture
@@ -87,9 +87,9 @@ def cuda_listed_but_dead(monkeypatch, cuda_ep):
 
 def test_named_cuda_that_cannot_start_is_loud(tiny, cuda_listed_but_dead):
     with pytest.raises(ProviderStartError) as exc:
-        OrtBackend(tiny.bundle / "model.onnx", device="cuda")
+        OrtBackend(tiny.bundle / "model.onnx", device="cuda").activate()
     msg = str(exc.value)
-    assert "installed but did not start" in msg and "--backend ort-cpu" in msg and "\n" not in msg
+    assert "installed but did not start" in msg and "--device cpu" in msg and "\n" not in msg
     with pytest.raises(ProviderStartError):
         open_backend(load_bundle(tiny.bundle), "ort-cuda")
     with pytest.raises(ProviderStartError):  # --device cuda insists on a GPU even with auto
@@ -97,7 +97,8 @@ def test_named_cuda_that_cannot_start_is_loud(tiny, cuda_listed_but_dead):
 
 
 def test_auto_falls_back_to_cpu_when_cuda_cannot_start(tiny, cuda_listed_but_dead):
-    with OrtBackend(tiny.bundle / "model.onnx", device="auto", intra_op_threads=1) as backend:
+    """The one fallback lives in crc_runtime.backends (open_backend / open_onnx), never in a backend."""
+    with open_onnx(tiny.bundle / "model.onnx", device="auto", intra_op_threads=1) as backend:
         assert (backend.name, backend.device, backend.io_binding) == ("ort-cpu", "cpu", False)
         p = np.full((2, 8, 8, 3), 7, np.uint8)
         r = np.full((2, 8, 8, 1), 9, np.uint8)
@@ -107,7 +108,7 @@ def test_auto_falls_back_to_cpu_when_cuda_cannot_start(tiny, cuda_listed_but_dea
     try:
         assert selection.backend.name == "ort-cpu" and "did not start" in selection.reason
     finally:
-        selection.backend.close()
+        selection.backend.deactivate()
     (row,) = validate_bundle(load_bundle(tiny.bundle), device="auto", batch_size=8)
     assert row["passed"] is True and row["backend"] == "ort-cpu"
 
@@ -116,7 +117,7 @@ def test_corrupt_onnx_is_user_error(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x08\x01garbage")
     with pytest.raises(BackendError, match="model.onnx"):
-        OrtBackend(bad)
+        OrtBackend(bad).activate()
 
 
 def test_compare_logits_hand_made():

@@ -75,7 +75,7 @@ def test_auto_on_a_cpu_machine_says_why(tiny, cuda_ep):
         assert name == "ort-cuda" and "no TensorRT" in reason
         selection = open_backend(bundle)
         assert selection.backend.name == "ort-cpu" and "did not start" in selection.reason
-        selection.backend.close()
+        selection.backend.deactivate()
         return
     assert name == "ort-cpu" and "no TensorRT" in reason and "no CUDA provider" in reason
     assert choose(bundle, "auto", device="cpu") == ("ort-cpu", "--device cpu")
@@ -84,7 +84,7 @@ def test_auto_on_a_cpu_machine_says_why(tiny, cuda_ep):
         choose(bundle, "cuda")
     selection = open_backend(bundle)
     assert selection.backend.name == "ort-cpu" and selection.artifact["file"] == "model.onnx"
-    selection.backend.close()
+    selection.backend.deactivate()
 
 
 @pytest.mark.parametrize("backend", ["trt", "ort-cuda"])

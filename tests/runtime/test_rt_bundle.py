@@ -146,12 +146,9 @@ def test_input_shape_must_match_resize_size(bundle_copy, edit_manifest):
 
 
 def test_manifest_disagreeing_with_model_is_refused(tiny, bundle_copy, edit_manifest):
-    from crc_runtime.backends.onnxruntime import OrtBackend
-    from crc_runtime.pairs import discover_pairs
-    from crc_runtime.predict import run_inference
+    from crc_runtime.predictor import Predictor
 
     edit_manifest(bundle_copy, lambda m: m["inputs"][1].update(dtype="float32"))
-    bundle = load_bundle(bundle_copy)
-    with OrtBackend(bundle.file("model.onnx")) as backend, pytest.raises(BundleError) as exc:
-        run_inference(discover_pairs(tiny.csv_dir), bundle, backend)
+    with pytest.raises(BundleError) as exc:
+        Predictor(bundle_copy, "ort-cpu")
     assert "radiology" in _one_line(exc) and "float32" in str(exc.value)

@@ -176,9 +176,15 @@ def test_non_onnx_artifact_and_bad_output(tiny, tmp_path, bundle_copy, edit_mani
 
     edit_manifest(bundle_copy, add_plan)
     result = CliRunner().invoke(
-        cli, [str(tiny.csv_dir), "--bundle", str(bundle_copy), "--artifact", "gpu.plan"]
+        cli,
+        [str(tiny.csv_dir), "--bundle", str(bundle_copy), "--artifact", "gpu.plan", "--backend", "ort-cpu"],
     )
     assert result.exit_code == 1 and "gpu.plan" in result.output and "no backend" in result.output
+    # With auto, an engine named by --artifact selects the TensorRT backend, which cannot start here.
+    result = CliRunner().invoke(
+        cli, [str(tiny.csv_dir), "--bundle", str(bundle_copy), "--artifact", "gpu.plan"]
+    )
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "tensorrt" in result.output.lower()
     result = CliRunner().invoke(
         cli, [str(tiny.csv_dir), "--bundle", str(bundle_copy), "--output", str(tmp_path)]
     )
@@ -191,3 +197,70 @@ def test_non_onnx_artifact_and_bad_output(tiny, tmp_path, bundle_copy, edit_mani
     (plan_row,) = [r for r in rows if r["artifact"] == "gpu.plan"]
     assert plan_row["passed"] is None and plan_row["reasons"][0].startswith("cannot run here: ")
     assert "tensorrt" in plan_row["reasons"][0].lower()
+
+
+def _shift_reference(bundle, edit_manifest, by: float, thresholds: dict | None) -> None:
+    """Move reference.npz's logits by ``by`` and record ``thresholds`` for model.onnx in the manifest."""
+    import numpy as np
+    from crc_runtime.bundle import sha256_file
+
+    with np.load(bundle / "reference.npz") as data:
+        ref = dict(data)
+    ref["logits"] = ref["logits"] + np.float32(by)
+    np.savez(bundle / "reference.npz", **ref)
+
+    def edit(m):
+        m["files"]["reference.npz"] = sha256_file(bundle / "reference.npz")
+        m["artifacts"][0]["parity"]["thresholds"] = thresholds
+
+    edit_manifest(bundle, edit)
+
+
+def test_validate_gates_with_the_thresholds_recorded_in_the_manifest(bundle_copy, edit_manifest):
+    """Exported with a looser max_abs_diff (0.05): a 0.01 difference passes, as it did in crc-export."""
+    _shift_reference(bundle_copy, edit_manifest, 0.01, {"min_top1_agreement": 1.0, "max_abs_diff": 0.05})
+    result = _run("validate", bundle_copy)
+    assert result.exit_code == 0, result.output
+    assert "thresholds from manifest: min_top1_agreement 1, max_abs_diff 0.05" in result.output
+    # The command line overrides the manifest, key by key.
+    result = CliRunner().invoke(cli, ["validate", str(bundle_copy), "--threshold", "fp32.max_abs_diff=0.001"])
+    assert result.exit_code == 1 and "would pass with max_abs_diff >=" in result.output
+    assert "thresholds from manifest + command line (max_abs_diff)" in result.output
+    bad = CliRunner().invoke(cli, ["validate", str(bundle_copy), "--threshold", "fp32.top1=1"])
+    assert bad.exit_code == 2 and "PRECISION.KEY=VALUE" in bad.output
+
+
+def test_validate_fails_what_the_manifest_thresholds_fail(bundle_copy, edit_manifest):
+    """Exported with a tighter max_abs_diff (1e-4): 5e-4 passes the default 1e-3 but not the manifest."""
+    _shift_reference(bundle_copy, edit_manifest, 5e-4, {"min_top1_agreement": 1.0, "max_abs_diff": 1e-4})
+    result = CliRunner().invoke(cli, ["validate", str(bundle_copy)])
+    assert result.exit_code == 1 and "max_abs_diff 0.0001" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("FAILED")
+
+
+def test_validate_refuses_unreadable_recorded_thresholds(bundle_copy, edit_manifest):
+    _shift_reference(bundle_copy, edit_manifest, 0.0, {"max_abs_diff": "tiny"})
+    result = CliRunner().invoke(cli, ["validate", str(bundle_copy)])
+    assert result.exit_code == 1 and result.output.startswith("error: model.onnx: manifest parity thresholds")
+
+
+def test_a_folder_of_pairs_named_like_a_command_is_the_folder(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny.csv_dir, tmp_path / "validate")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["validate", "--bundle", str(tiny.bundle), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "note: validate is a folder of image pairs here" in result.output
+    assert "pairs: 6 processed" in result.output and (tmp_path / "validate" / "predictions.csv").is_file()
+
+
+def test_a_command_name_that_is_no_folder_says_how_to_pass_one(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").mkdir()  # a folder, but not of pairs: the command wins
+    result = CliRunner().invoke(cli, ["validate", "--bundle", str(tiny.bundle)])
+    assert result.exit_code == 2
+    assert "to run on a folder named validate, pass it as: crc-infer run ./validate" in result.output
+    bench = ["bench", "--bundle", str(tiny.bundle), "--batch-sizes", "1", "--iterations", "1"]
+    result = CliRunner().invoke(cli, [*bench, "--warmup-iters", "0", "--device", "cpu"])
+    assert result.exit_code == 0 and "note:" not in result.output and "pairs/s" in result.output

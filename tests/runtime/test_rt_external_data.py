@@ -53,7 +53,7 @@ def test_runs_and_validates_like_the_single_file_bundle(external, tiny):
         logits = selection.backend.infer({"pathology": p, "radiology": r})["logits"]
         np.testing.assert_allclose(logits, tiny.logits(p, r), rtol=1e-5, atol=1e-4)
     finally:
-        selection.backend.close()
+        selection.backend.deactivate()
     (row,) = validate_bundle(bundle, batch_size=8)
     assert row["passed"] is True and row["top1_agreement"] == 1.0
 

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from crc_runtime import predict
-from crc_runtime.backends.onnxruntime import OrtBackend
-from crc_runtime.bundle import load_bundle
 from crc_runtime.cli import cli
 from crc_runtime.pairs import discover_pairs
+from crc_runtime.predictor import Predictor
 
 PAIRS = 45
 
@@ -35,23 +34,24 @@ def many(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny):
-    with OrtBackend(tiny.bundle / "model.onnx", intra_op_threads=1) as b:
-        yield b
+def predictor(tiny):
+    with Predictor(tiny.bundle, "ort-cpu", threads=1) as p:
+        yield p
 
 
-def _run(many, tiny, backend, **kwargs):
-    return predict.run_inference(discover_pairs(many), load_bundle(tiny.bundle), backend, **kwargs)
+def _run(many, predictor, batch_size, **kwargs):
+    predictor.batch_size = batch_size
+    return predict.run_inference(discover_pairs(many), predictor, **kwargs)
 
 
-def test_same_predictions_in_input_order_for_any_worker_count(many, tiny, backend):
-    base = _run(many, tiny, backend, batch_size=8, workers=0)
+def test_same_predictions_in_input_order_for_any_worker_count(many, tiny, predictor):
+    base = _run(many, predictor, batch_size=8, workers=0)
     ids = [p.id for p in base.predictions]
     assert ids == [f"p{i:03d}" for i in range(PAIRS) if i != 17]
     assert [s.item for s in base.skipped] == ["p017"] and "junk.png" in base.skipped[0].reason
     probs = np.stack([p.probs for p in base.predictions])
     for workers, batch_size in ((1, 8), (3, 8), (3, 1), (2, 64)):
-        other = _run(many, tiny, backend, batch_size=batch_size, workers=workers)
+        other = _run(many, predictor, batch_size=batch_size, workers=workers)
         assert [p.id for p in other.predictions] == ids, (workers, batch_size)
         np.testing.assert_allclose(
             np.stack([p.probs for p in other.predictions]), probs, rtol=1e-6, atol=1e-9
@@ -62,7 +62,7 @@ def test_same_predictions_in_input_order_for_any_worker_count(many, tiny, backen
     assert base.processed == PAIRS - 1
 
 
-def test_decoded_pairs_in_flight_stay_bounded(many, tiny, backend, monkeypatch):
+def test_decoded_pairs_in_flight_stay_bounded(many, tiny, predictor, monkeypatch):
     """Never more than (prefetch_batches + 1) x batch_size pairs decoded or decoding and not yet predicted."""
     lock = threading.Lock()
     started, done, worst = [0], [0], [0]
@@ -81,7 +81,7 @@ def test_decoded_pairs_in_flight_stay_bounded(many, tiny, backend, monkeypatch):
     monkeypatch.setattr(predict, "_decode", counting)
     batch_size, prefetch = 4, 2
     result = _run(
-        many, tiny, backend, batch_size=batch_size, workers=3, prefetch_batches=prefetch,
+        many, predictor, batch_size=batch_size, workers=3, prefetch_batches=prefetch,
         on_batch=on_batch, keep_predictions=False,
     )  # fmt: skip
     assert started[0] == PAIRS  # every pair decoded exactly once (the junk one fails in decode)
@@ -90,9 +90,9 @@ def test_decoded_pairs_in_flight_stay_bounded(many, tiny, backend, monkeypatch):
     assert batch_size <= worst[0] <= (prefetch + 1) * batch_size + 1
 
 
-def test_resumed_ids_are_not_decoded(many, tiny, backend):
+def test_resumed_ids_are_not_decoded(many, tiny, predictor):
     skip = {f"p{i:03d}" for i in range(10)}
-    result = _run(many, tiny, backend, batch_size=8, workers=2, skip_ids=skip)
+    result = _run(many, predictor, batch_size=8, workers=2, skip_ids=skip)
     assert result.resumed == 10 and result.processed == PAIRS - 11
     assert result.predictions[0].id == "p010"
 
@@ -112,21 +112,19 @@ def test_cli_output_does_not_depend_on_workers(many, tiny, tmp_path):
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == PAIRS  # header + 44 rows
 
 
-def test_every_batch_runs_once_warm_up_included(many, tiny, backend):
+def test_every_batch_runs_once_warm_up_included(many, tiny, predictor, monkeypatch):
     """The warm-up is the first real batch, not an extra call: 44 good pairs at batch 8 = 6 model calls."""
     sizes = []
+    infer = predictor.backend.infer
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(backend, name)
+    def counting(inputs):
+        sizes.append(len(inputs["pathology"]))
+        return infer(inputs)
 
-        def infer(self, inputs):
-            sizes.append(len(inputs["pathology"]))
-            return backend.infer(inputs)
-
-    result = _run(many, tiny, Counting(), batch_size=8, workers=0)
+    monkeypatch.setattr(predictor.backend, "infer", counting)
+    result = _run(many, predictor, batch_size=8, workers=0)
     assert sizes == [8, 8, 8, 8, 8, 4]
     assert result.warmup_pairs == 8 and result.batch_pairs == [8, 8, 8, 8, 4]
     assert len(result.predictions) == 44
-    unwarmed = _run(many, tiny, Counting(), batch_size=8, workers=0, warmup=False)
+    unwarmed = _run(many, predictor, batch_size=8, workers=0, warmup=False)
     assert unwarmed.warmup_pairs == 0 and unwarmed.batch_pairs == [8, 8, 8, 8, 8, 4]

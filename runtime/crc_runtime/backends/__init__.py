@@ -1,14 +1,22 @@
-"""Backend selection: ``auto | ort-cpu | ort-cuda | trt``, each with the artifact it runs and why.
+"""Backend selection and fallback: the one place that decides what runs where.
 
-``auto`` picks the fastest backend usable here: ``trt`` when tensorrt and cuda-bindings import, a CUDA
-device is visible and the bundle holds a usable engine built for this GPU and TensorRT release; else
-``ort-cuda`` when onnxruntime has the CUDA provider; else ``ort-cpu``. It always says which and why.
-A GPU backend asked for by name never falls back: it fails with the reason.
+Backends: ``ort-cpu`` (onnxruntime, CPU), ``ort-cuda`` (onnxruntime, CUDA provider) and ``trt`` (native
+TensorRT); ``auto`` picks the fastest usable here and says which and why. ``--device`` has one meaning
+in every command: where the model runs. ``cpu``: onnxruntime on the CPU. ``cuda``: a GPU backend, never
+the CPU; what cannot start fails with the reason. ``auto``: a GPU backend when one starts, else the CPU.
+
+``auto`` picks ``trt`` when tensorrt and cuda-bindings import, the GPU is visible and the bundle holds a
+usable engine built for it and this TensorRT release; else ``ort-cuda`` when onnxruntime has the CUDA
+provider; else ``ort-cpu``. The single fallback: under ``--backend auto --device auto``, an ``ort-cuda``
+whose provider is listed but does not start (onnxruntime-gpu without a usable GPU) gives way to
+``ort-cpu``, with a warning. A backend named with ``--backend`` never falls back, and backends themselves
+never do.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from ..bundle import Bundle
@@ -18,20 +26,21 @@ from .base import Backend
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
+DEVICES = ("auto", "cpu", "cuda")
 ENGINE_KIND = "tensorrt"
 
 
 @dataclass
 class Selection:
-    """An open backend, the manifest artifact it runs, and why it was chosen (one line)."""
+    """An active backend, the manifest artifact it runs, and why it was chosen (one line)."""
 
     backend: Backend
     artifact: dict
     reason: str
 
 
-def find_engine(bundle: Bundle) -> tuple[dict | None, str]:
-    """The bundle's usable TensorRT engine for this GPU and TensorRT release, or None and why not."""
+def find_engine(bundle: Bundle, gpu: int = 0) -> tuple[dict | None, str]:
+    """The bundle's usable TensorRT engine for GPU ``gpu`` and this TensorRT release, or None and why not."""
     from . import cuda
     from .tensorrt import engine_mismatches, import_tensorrt
 
@@ -40,7 +49,7 @@ def find_engine(bundle: Bundle) -> tuple[dict | None, str]:
         return None, "the bundle has no usable TensorRT engine"
     try:
         trt = import_tensorrt()
-        device = cuda.device_info()
+        device = cuda.device_info(gpu)
     except BackendError as exc:
         return None, str(exc)
     why = []
@@ -53,32 +62,56 @@ def find_engine(bundle: Bundle) -> tuple[dict | None, str]:
 
 
 def cuda_provider() -> bool:
-    """Whether this onnxruntime build has the CUDA execution provider."""
+    """Whether this onnxruntime build lists the CUDA execution provider (listing is not starting)."""
     import onnxruntime as ort
 
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def choose(bundle: Bundle, backend: str = "auto", device: str = "auto") -> tuple[str, str]:
-    """Resolve ``backend`` (and the older ``--device`` hint) to a concrete backend name and a reason.
+def choose(
+    bundle: Bundle, backend: str = "auto", device: str = "auto", gpu: int = 0, artifact: str | None = None
+) -> tuple[str, str]:
+    """Resolve ``backend`` and ``device`` to a concrete backend name and a one-line reason.
 
     Args:
         bundle: The loaded bundle (its engines are checked for ``trt``).
         backend: One of :data:`BACKENDS`.
-        device: ``auto``, ``cpu`` or ``cuda``; only narrows ``auto``.
+        device: One of :data:`DEVICES` (module docstring).
+        gpu: CUDA device ordinal the engine must match.
+        artifact: The ``--artifact`` asked for, if any: an engine file needs ``trt``, an ONNX file
+            onnxruntime.
+
+    Raises:
+        BackendError: An unknown name, or a backend and a device that contradict each other.
     """
     if backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise BackendError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     if backend != "auto":
+        runs_on = "cpu" if backend == "ort-cpu" else "cuda"
+        if device not in ("auto", runs_on):
+            raise BackendError(f"--backend {backend} runs on {runs_on}, but --device {device} was given")
         return backend, "asked for with --backend"
+    # An artifact named by file fixes the kind; a precision (fp16) leaves the choice to the rules below.
+    kind = next((a.get("kind") for a in bundle.artifacts if a.get("file") == artifact), None)
     if device == "cpu":
+        if kind == ENGINE_KIND:
+            raise BackendError(
+                f"--artifact {artifact} is a TensorRT engine, which needs a GPU, not --device cpu"
+            )
         return "ort-cpu", "--device cpu"
-    engine, why_not_trt = find_engine(bundle)
-    if engine is not None:
-        return "trt", f"TensorRT engine {why_not_trt}"
+    if kind == ENGINE_KIND:
+        return "trt", f"--artifact {artifact} is a TensorRT engine"
+    if kind is None:
+        engine, why_not_trt = find_engine(bundle, gpu)
+        if engine is not None:
+            return "trt", f"TensorRT engine {why_not_trt}"
+    else:
+        why_not_trt = f"--artifact {artifact} is not an engine"
     if cuda_provider():
         return "ort-cuda", f"onnxruntime has CUDA; no TensorRT ({why_not_trt})"
-    if device == "cuda":  # insisted on a GPU: ort-cuda will fail loudly and list the providers
+    if device == "cuda":  # insisted on a GPU: ort-cuda fails loudly and lists the providers
         return "ort-cuda", f"--device cuda; no TensorRT ({why_not_trt})"
     return "ort-cpu", f"no GPU backend: no TensorRT ({why_not_trt}); onnxruntime has no CUDA provider"
 
@@ -102,62 +135,79 @@ def open_backend(
     backend: str = "auto",
     artifact: str | None = None,
     device: str = "auto",
+    gpu: int = 0,
     intra_op_threads: int | None = None,
     cuda_graphs: bool = False,
+    tf32: bool = False,
 ) -> Selection:
-    """Open the backend ``backend`` resolves to, on the artifact it should run.
+    """Open and activate the backend ``backend`` and ``device`` resolve to, on the artifact it should run.
 
     Args:
         bundle: The loaded bundle.
         backend: ``auto``, ``ort-cpu``, ``ort-cuda`` or ``trt``.
         artifact: A manifest file name or precision; None lets the backend choose (ort-cpu: fp32;
             ort-cuda: fp16 when usable, else fp32; trt: the engine for this GPU).
-        device: Older ``--device`` hint (``auto``/``cpu``/``cuda``), used only by ``auto``.
+        device: ``auto``, ``cpu`` or ``cuda`` (module docstring).
+        gpu: CUDA device ordinal of the GPU backends.
         intra_op_threads: onnxruntime intra-op threads.
         cuda_graphs: Replay each batch size as a CUDA graph (``trt`` only).
+        tf32: Let onnxruntime CUDA run FP32 math in TF32 (reported as precision ``tf32``); a speed
+            setting, never used by parity checks.
 
     Raises:
         BackendError: The chosen backend cannot run here or the artifact does not fit it; one line.
     """
-    name, reason = choose(bundle, backend, device)
+    name, reason = choose(bundle, backend, device, gpu, artifact)
     if cuda_graphs and name != "trt":
         raise BackendError(f"--cuda-graphs needs the trt backend, but {name} was selected ({reason})")
     if name == "trt":
-        from .tensorrt import TrtBackend
-
-        if artifact is None:
-            art, why = find_engine(bundle)
-            if art is None:
-                raise BackendError(f"{bundle.path}: --backend trt cannot run: {why}")
-        else:
-            art = bundle.artifact(artifact, kind=ENGINE_KIND)
-        if art.get("kind") != ENGINE_KIND:
-            raise BackendError(f"{art['file']}: kind {art.get('kind')!r} is not a TensorRT engine")
-        opened = TrtBackend(
-            bundle.artifact_path(art),
-            art.get("engine"),
-            precision=art.get("precision", "fp16"),
-            cuda_graphs=cuda_graphs,
-        )
+        opened, art = _open_trt(bundle, artifact, gpu, cuda_graphs)
     else:
         from .onnxruntime import ProviderStartError
 
         try:
-            opened, art = _open_ort(bundle, name, artifact, intra_op_threads)
+            opened, art = _open_ort(bundle, name, artifact, gpu, intra_op_threads, tf32)
         except ProviderStartError as exc:
-            if backend != "auto" or device == "cuda":  # a GPU asked for by name never falls back
-                raise
-            # auto picks the fastest backend that works: onnxruntime-gpu is installed, CUDA is not usable.
-            log.warning("%s", exc)
+            _fall_back_to_cpu(exc, allowed=backend == "auto" and device == "auto")
             reason = f"the CUDA provider did not start, so the CPU (auto had picked ort-cuda: {reason})"
             name = "ort-cpu"
-            opened, art = _open_ort(bundle, name, artifact, intra_op_threads)
+            opened, art = _open_ort(bundle, name, artifact, gpu, intra_op_threads, tf32)
     log.info("backend %s on %s: %s", name, art["file"], reason)
     return Selection(opened, art, reason)
 
 
-def _open_ort(bundle: Bundle, name: str, artifact: str | None, intra_op_threads: int | None):
-    """An :class:`OrtBackend` for ``ort-cpu`` / ``ort-cuda`` on the artifact that backend prefers."""
+def _fall_back_to_cpu(exc: BackendError, allowed: bool) -> None:
+    """The one fallback (module docstring): warn and go on with the CPU when allowed, else raise ``exc``."""
+    if not allowed:  # a GPU asked for, by --backend or --device cuda, never falls back
+        raise exc
+    log.warning("%s", exc)
+
+
+def _open_trt(bundle: Bundle, artifact: str | None, gpu: int, cuda_graphs: bool) -> tuple[Backend, dict]:
+    from .tensorrt import TrtBackend
+
+    if artifact is None:
+        art, why = find_engine(bundle, gpu)
+        if art is None:
+            raise BackendError(f"{bundle.path}: --backend trt cannot run: {why}")
+    else:
+        art = bundle.artifact(artifact, kind=ENGINE_KIND)
+    if art.get("kind") != ENGINE_KIND:
+        raise BackendError(f"{art['file']}: kind {art.get('kind')!r} is not a TensorRT engine")
+    backend = TrtBackend(
+        bundle.artifact_path(art),
+        art.get("engine"),
+        precision=art.get("precision", "fp16"),
+        cuda_graphs=cuda_graphs,
+        device=gpu,
+    )
+    return backend.activate(), art
+
+
+def _open_ort(
+    bundle: Bundle, name: str, artifact: str | None, gpu: int, intra_op_threads: int | None, tf32: bool
+) -> tuple[Backend, dict]:
+    """An active :class:`OrtBackend` for ``ort-cpu`` / ``ort-cuda`` on the artifact that backend prefers."""
     from .onnxruntime import OrtBackend
 
     ort_device = name.removeprefix("ort-")
@@ -168,10 +218,38 @@ def _open_ort(bundle: Bundle, name: str, artifact: str | None, intra_op_threads:
             f"{bundle.path / art['file']}: kind {art.get('kind')!r} has no backend on {name}; "
             "pass an ONNX artifact (--artifact model.onnx) or --backend trt"
         )
-    opened = OrtBackend(
+    backend = OrtBackend(
         bundle.artifact_path(art),
         device=ort_device,
+        gpu=gpu,
         intra_op_threads=intra_op_threads,
         precision=art.get("precision", "fp32"),
+        tf32=tf32,
     )
-    return opened, art
+    return backend.activate(), art
+
+
+def open_onnx(
+    model_path: str | os.PathLike,
+    device: str = "cpu",
+    precision: str = "fp32",
+    gpu: int = 0,
+    intra_op_threads: int | None = None,
+) -> Backend:
+    """An active onnxruntime backend for an ONNX file outside a bundle (crc-export's parity runs).
+
+    ``device`` means what it means everywhere (module docstring): ``auto`` runs on CUDA when the provider
+    starts, else on the CPU with a warning. TF32 stays off: these are parity runs.
+    """
+    from .onnxruntime import OrtBackend, ProviderStartError
+
+    if device not in DEVICES:
+        raise BackendError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    on = "cuda" if device == "cuda" or (device == "auto" and cuda_provider()) else "cpu"
+    backend = OrtBackend(model_path, on, gpu=gpu, precision=precision, intra_op_threads=intra_op_threads)
+    try:
+        return backend.activate()
+    except ProviderStartError as exc:
+        _fall_back_to_cpu(exc, allowed=device == "auto")
+        cpu = OrtBackend(model_path, "cpu", precision=precision, intra_op_threads=intra_op_threads)
+        return cpu.activate()

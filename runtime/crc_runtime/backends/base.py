@@ -1,16 +1,34 @@
-"""The one backend interface (Polygraphy-like runner) and the input check every backend shares."""
+"""The one backend contract (a Polygraphy-like runner) and the input check every backend shares.
+
+A backend is made in two steps: the constructor only records what to run and how (no file is read, no
+device touched); :meth:`Backend.activate` loads the model and fills the metadata that needs it; then
+:meth:`Backend.infer` runs batches and :meth:`Backend.deactivate` frees everything. ``with backend:``
+does activate / deactivate. The base class checks each batch against the model's inputs before a backend
+sees it, and checks after activation that the backend set every field of :data:`METADATA`, so callers
+read them directly and never probe with ``getattr``.
+"""
 
 from __future__ import annotations
 
+import abc
 import logging
+import os
+import platform
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import BackendError
 
 log = logging.getLogger(__name__)
+
+#: What every backend says about itself once active (reports and the bench read these, nothing else):
+#: ``name`` (``ort-cpu`` / ``ort-cuda`` / ``trt``), ``device`` (``cpu`` or ``cuda:N``), ``precision``
+#: (``fp32``, ``tf32`` or ``fp16``), ``version`` (library and version), ``max_batch`` (largest batch one
+#: call takes, None when unbounded), ``timing_method`` (how ``last_timings`` stages are timed) and
+#: ``device_info`` (a dict with at least ``name``: the CPU or GPU that runs the model).
+METADATA = ("name", "device", "precision", "version", "max_batch", "timing_method", "device_info")
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -26,32 +44,100 @@ class TensorSpec:
         return f"{self.name} {self.dtype} [{dims}]"
 
 
-@runtime_checkable
-class Backend(Protocol):
+def cpu_info() -> dict:
+    """``device_info`` of the CPU: processor name and logical core count."""
+    return {"name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
+class Backend(abc.ABC):
     """What crc-infer needs from an inference engine.
 
-    Attributes:
-        name: Short name used in reports, e.g. ``ort-cpu``.
-        precision: ``fp32`` or ``fp16``.
-        input_specs: The model's inputs as the engine sees them.
+    Subclasses set the :data:`METADATA` fields (in ``__init__``, or in :meth:`_activate` for what needs
+    the loaded model) plus ``input_specs`` / ``output_specs``, and implement :meth:`_activate`,
+    :meth:`_infer` and :meth:`_deactivate`. They never fall back to another device or backend: that
+    policy lives in :func:`crc_runtime.backends.open_backend` alone.
 
-    Optional attributes the runtime reads with ``getattr`` when present: ``device`` (``cpu`` / ``cuda``),
-    ``version`` (library and version, for reports), ``last_timings`` (milliseconds of the last
-    :meth:`infer` per stage: ``h2d_ms``, ``compute_ms``, ``d2h_ms``), ``timing_method`` (how the stages
-    were timed), ``max_batch`` (largest batch the engine takes in one call).
+    Attributes:
+        last_timings: Milliseconds of the last :meth:`infer` per stage (``h2d_ms``, ``compute_ms``,
+            ``d2h_ms``); the stages a backend does not time are absent.
     """
 
     name: str
+    device: str
     precision: str
+    version: str
+    max_batch: int | None
+    timing_method: str
+    device_info: dict
     input_specs: list[TensorSpec]
+    output_specs: list[TensorSpec]
+
+    def __init__(self) -> None:
+        self.last_timings: dict[str, float] = {}
+        self.active = False
+
+    def activate(self) -> Backend:
+        """Load the model; returns the backend, ready for :meth:`infer`.
+
+        Raises:
+            BackendError: The model cannot run here; one line saying why and what to do.
+        """
+        if self.active:
+            return self
+        self._activate()
+        self.active = True
+        try:
+            self._check_metadata()
+        except BaseException:
+            self.deactivate()
+            raise
+        return self
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; returns every output by name."""
-        ...
+        """Run one batch after checking names, dtypes and shapes; returns every output by name.
 
-    def close(self) -> None:
-        """Release the engine; the backend cannot be used afterwards."""
-        ...
+        Raises:
+            BackendError: The backend is not active, or the inputs do not fit the model (one line).
+        """
+        if not self.active:
+            raise BackendError(f"{self.name}: infer() before activate(); use 'with backend:' or activate()")
+        check_inputs(self.input_specs, inputs)
+        return self._infer(inputs)
+
+    def deactivate(self) -> None:
+        """Free the model and every buffer; :meth:`activate` may load it again."""
+        if self.active:
+            self.active = False
+            self._deactivate()
+
+    def __enter__(self) -> Backend:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def _check_metadata(self) -> None:
+        missing = [key for key in (*METADATA, "input_specs", "output_specs") if not hasattr(self, key)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} did not set {', '.join(missing)} (Backend contract)")
+        if self.precision not in PRECISIONS:
+            raise TypeError(f"{type(self).__name__}.precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise TypeError(f"{type(self).__name__}.max_batch {self.max_batch!r} is not a positive int")
+        if not isinstance(self.device_info, dict) or "name" not in self.device_info:
+            raise TypeError(f"{type(self).__name__}.device_info has no 'name'")
+
+    @abc.abstractmethod
+    def _activate(self) -> None:
+        """Load the model and set the metadata that needs it."""
+
+    @abc.abstractmethod
+    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch whose inputs :func:`check_inputs` accepted; set :attr:`last_timings`."""
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None:
+        """Free what :meth:`_activate` made."""
 
 
 def check_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray]) -> None:

@@ -81,12 +81,25 @@ def device_info(device: int = 0) -> dict:
     driver = check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion")
     runtime = check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
     return {
+        "index": int(device),
         "name": name.rstrip("\x00"),
         "compute_capability": f"{prop.major}.{prop.minor}",
         "memory_gib": round(prop.totalGlobalMem / 2**30, 1),
         "cuda_driver": f"{driver // 1000}.{driver % 1000 // 10}",
         "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
     }
+
+
+def describe(device: int = 0) -> dict:
+    """:func:`device_info` when cuda-bindings can ask the driver; else the ordinal and why not.
+
+    For backends whose own library does not name the GPU (onnxruntime): a report still says which
+    device ran, and cuda-bindings is an optional extra.
+    """
+    try:
+        return device_info(device)
+    except BackendError as exc:
+        return {"index": int(device), "name": f"CUDA device {device}", "details_unavailable": str(exc)}
 
 
 def cuda_available() -> tuple[bool, str]:

@@ -3,22 +3,26 @@
 The engine is deserialized once; pinned host and device buffers are allocated once at the optimization
 profile's maximum batch; one stream; input shapes are set per batch and output shapes read back from
 the execution context; ``execute_async_v3`` runs on tensor addresses. H2D, compute and D2H are timed
-apart with CUDA events (:attr:`TrtBackend.last_timings`). With ``cuda_graphs=True`` the compute of each
-batch size is captured once as a CUDA graph and replayed. TensorRT 10 and 11 are told apart with
-``hasattr``, never by parsing version strings.
+apart with CUDA events (:attr:`TrtBackend.last_timings`). Engines hold exactly one optimization profile
+(crc-export builds one; an engine with more is refused). A batch above the profile's maximum is split;
+a chunk below its minimum is padded up to it and the padded rows dropped. With ``cuda_graphs=True`` the
+first batch of each shape runs as a plain enqueue (TensorRT must see a shape once before capture); the
+graph is captured after that batch completes, outside the timed stages, and replayed from the next batch
+of that shape on. TensorRT 10 and 11 are told apart with ``hasattr``, never by parsing version strings.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BackendError
 from . import cuda
-from .base import TensorSpec, check_inputs
+from .base import Backend, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +102,21 @@ def make_trt_logger(trt, logger: logging.Logger = log):
     return _Logger()
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     """Run a serialized TensorRT engine.
 
     Args:
         engine_path: The ``.plan`` file.
         record: The manifest's ``engine`` record; checked against this GPU and TensorRT first.
-        precision: Reported precision (``fp16`` for engines built from model.fp16.onnx).
+        precision: Precision of the engine's artifact (``fp16`` for engines built from model.fp16.onnx).
         cuda_graphs: Capture each batch size's compute once as a CUDA graph and replay it.
         device: CUDA device ordinal.
 
     Raises:
-        BackendError: tensorrt / cuda-bindings / a GPU missing, an engine for another GPU or TensorRT
-            release, or an engine TensorRT cannot deserialize; one line with what to do.
+        BackendError: At :meth:`activate`: tensorrt / cuda-bindings / a GPU missing, an engine for
+            another GPU or TensorRT release, an engine TensorRT cannot deserialize, or one with more
+            than one optimization profile; one line with what to do.
     """
-
-    name = "trt"
 
     def __init__(
         self,
@@ -123,28 +126,51 @@ class TrtBackend:
         cuda_graphs: bool = False,
         device: int = 0,
     ) -> None:
+        super().__init__()
         self.engine_path = Path(engine_path)
+        self.record = record
+        self.gpu = int(device)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.name = "trt"
+        self.device = f"cuda:{self.gpu}"
+        # An engine built with the TF32 flag may run its FP32 layers in TF32 (crc-export clears it).
+        tf32 = isinstance(record, dict) and record.get("tf32") is True
+        self.precision = "tf32" if tf32 and precision == "fp32" else precision
+        self.timing_method = "CUDA events on the backend's stream around H2D, compute and D2H"
+        self.capture_seconds = 0.0  # CUDA graph captures, kept out of every timed stage
+
+    def _activate(self) -> None:
         trt = self._trt = import_tensorrt()
         rt = cuda.cudart()
-        self.device_info = cuda.device_info(device)
-        reasons = engine_mismatches(record, self.device_info, trt.__version__)
+        self.device_info = cuda.device_info(self.gpu)
+        self.version = f"TensorRT {trt.__version__}"
+        reasons = engine_mismatches(self.record, self.device_info, trt.__version__)
         if reasons:
             raise BackendError(f"{self.engine_path}: cannot run here: {'; '.join(reasons)}; {_REBUILD}")
-        cuda.check(rt.cudaSetDevice(device), "cudaSetDevice")
-        self.precision, self.cuda_graphs = precision, cuda_graphs
-        self.device = "cuda"
-        self.version = f"TensorRT {trt.__version__}"
+        cuda.check(rt.cudaSetDevice(self.gpu), "cudaSetDevice")
         self._logger = make_trt_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise BackendError(f"{self.engine_path}: TensorRT cannot deserialize this engine; {_REBUILD}")
+        profiles = int(self.engine.num_optimization_profiles)
+        if profiles != 1:
+            self.engine = None
+            raise BackendError(
+                f"{self.engine_path}: the engine has {profiles} optimization profiles; crc-infer runs "
+                f"engines with exactly one (as crc-export builds them); {_REBUILD}"
+            )
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
         self._events = [cuda.Event() for _ in range(4)]
         self._graphs: dict[tuple, cuda.Graph] = {}
-        self.last_timings: dict[str, float] = {}
-        self._setup_io()
+        self._host: dict[str, cuda.PinnedBuffer] = {}
+        self._dev: dict[str, cuda.DeviceBuffer] = {}
+        try:
+            self._setup_io()
+        except BaseException:
+            self._deactivate()
+            raise
 
     def _dtype(self, name: str) -> str:
         dtype = self.engine.get_tensor_dtype(name)
@@ -158,8 +184,6 @@ class TrtBackend:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_specs, self.output_specs = [], []
-        self._host: dict[str, cuda.PinnedBuffer] = {}
-        self._dev: dict[str, cuda.DeviceBuffer] = {}
         max_shapes = {}
         for n in (n for n in names if is_input[n]):
             shape = _free_batch(engine.get_tensor_shape(n))
@@ -204,30 +228,24 @@ class TrtBackend:
         if not ok:
             raise BackendError(f"{self.engine_path}: TensorRT failed to enqueue the batch (see the log)")
 
-    def _compute(self, key: tuple) -> None:
-        if not self.cuda_graphs:
-            self._enqueue()
-            return
-        graph = self._graphs.get(key)
-        if graph is None:
-            # TensorRT must enqueue once for a new shape before its work can be captured.
-            self._enqueue()
-            self.stream.synchronize()
-            graph = self._graphs[key] = cuda.Graph.capture(self.stream, self._enqueue)
-        graph.launch(self.stream)
-
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One chunk within the profile: copies in, compute, copies out, timed with CUDA events."""
         e0, e1, e2, e3 = self._events
         for spec in self.input_specs:
             array = inputs[spec.name]
             self._host[spec.name].view(array.shape)[...] = array
             self._set_input_shape(spec.name, array.shape)
+        key = tuple(inputs[s.name].shape for s in self.input_specs)
+        graph = self._graphs.get(key) if self.cuda_graphs else None
         e0.record(self.stream)
         for spec in self.input_specs:
             nbytes = inputs[spec.name].nbytes
             cuda.copy_htod_async(self._dev[spec.name], self._host[spec.name], nbytes, self.stream)
         e1.record(self.stream)
-        self._compute(tuple(inputs[s.name].shape for s in self.input_specs))
+        if graph is not None:
+            graph.launch(self.stream)
+        else:
+            self._enqueue()  # also the first run of a new shape, which TensorRT needs before a capture
         e2.record(self.stream)
         shapes = {s.name: tuple(self.context.get_tensor_shape(s.name)) for s in self.output_specs}
         for spec in self.output_specs:
@@ -240,40 +258,49 @@ class TrtBackend:
             "compute_ms": e2.elapsed_ms(e1),
             "d2h_ms": e3.elapsed_ms(e2),
         }
-        return {s.name: self._host[s.name].view(shapes[s.name]).copy() for s in self.output_specs}
+        outputs = {s.name: self._host[s.name].view(shapes[s.name]).copy() for s in self.output_specs}
+        if self.cuda_graphs and graph is None:
+            # Captured after the batch is done: capture enqueues nothing that runs, so no batch runs
+            # twice, and its cost is in capture_seconds, not in compute. Shapes and addresses are
+            # those just used, which is what the graph replays.
+            t0 = time.perf_counter()
+            self._graphs[key] = cuda.Graph.capture(self.stream, self._enqueue)
+            self.capture_seconds += time.perf_counter() - t0
+        return outputs
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch (split at the profile's maximum batch when larger); outputs by name."""
-        check_inputs(self.input_specs, inputs)
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """(start, stop) of each engine call for a batch of ``n``: at most ``max_batch`` pairs each."""
+        return [(i, min(i + self.max_batch, n)) for i in range(0, n, self.max_batch)]
+
+    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch: split at the profile's maximum, a short chunk padded up to its minimum."""
         n = next(iter(inputs.values())).shape[0]
-        if n < self.min_batch:
-            raise BackendError(
-                f"{self.engine_path}: batch {n} is below the engine's minimum {self.min_batch}"
-            )
-        if n <= self.max_batch:
-            return self._run(inputs)
-        chunks = [
-            self._run({k: v[i : i + self.max_batch] for k, v in inputs.items()})
-            for i in range(0, n, self.max_batch)
-        ]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        results, timings = [], []
+        for start, stop in self._chunks(n):
+            chunk = {k: v[start:stop] for k, v in inputs.items()}
+            short = self.min_batch - (stop - start)
+            if short > 0:  # TensorRT refuses a shape below the profile; zeros fill it, their rows are dropped
+                chunk = {
+                    k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()
+                }
+            out = self._run(chunk)
+            results.append({k: v[: stop - start] for k, v in out.items()} if short > 0 else out)
+            timings.append(self.last_timings)
+        if len(results) == 1:
+            return results[0]
+        self.last_timings = {k: sum(t[k] for t in timings) for k in timings[0]}
+        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
-    def close(self) -> None:
+    def _deactivate(self) -> None:
         """Free graphs, buffers, events, the stream, then the context and the engine."""
-        for graph in getattr(self, "_graphs", {}).values():
+        for graph in self._graphs.values():
             graph.close()
         self._graphs = {}
-        for buf in [*getattr(self, "_host", {}).values(), *getattr(self, "_dev", {}).values()]:
+        for buf in [*self._host.values(), *self._dev.values()]:
             buf.close()
         self._host, self._dev = {}, {}
-        for event in getattr(self, "_events", []):
+        for event in self._events:
             event.close()
-        if getattr(self, "stream", None) is not None:
-            self.stream.close()
+        self._events = []
+        self.stream.close()
         self.context = self.engine = None
-
-    def __enter__(self) -> TrtBackend:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
