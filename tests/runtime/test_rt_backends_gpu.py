@@ -193,6 +193,8 @@ def _build_engine(onnx_path, plan_path, max_batch: int = 32) -> dict:
     parser = trt.OnnxParser(network, logger)
     assert parser.parse(onnx_path.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
     config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32"):  # FP32 parity needs FP32 math, as crc-export builds engines
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -208,6 +210,7 @@ def _build_engine(onnx_path, plan_path, max_batch: int = 32) -> dict:
         "compute_capability": info["compute_capability"],
         "tensorrt_version": trt.__version__,
         "profile": {"min_batch": 1, "opt_batch": 8, "max_batch": max_batch},
+        "tf32": False,
     }
 
 
