@@ -43,7 +43,7 @@ EXTRA = ("torch-eager-fp32-cpu", "ort-cpu-untuned", "ort-cpu-nospin", "ort-cuda-
 
 
 def build_bundle(work: Path, backbone: str, size: int, trt: bool) -> tuple[Path, Path]:
-    """crc-train (1 epoch, 16 synthetic pairs) then crc-export; returns (run dir, bundle)."""
+    """crc-train (1 epoch, 16 synthetic pairs, no test evaluation), crc-export; returns (run, bundle)."""
     run_dir, bundle = work / "run", work / "bundle"
     # python -m, not the console scripts: the harness also runs from a checkout that is not installed
     # (PYTHONPATH=train:export:runtime, as benchmarks/gpu_check.sh does on a borrowed GPU machine).
@@ -51,8 +51,8 @@ def build_bundle(work: Path, backbone: str, size: int, trt: bool) -> tuple[Path,
         subprocess.run(
             [sys.executable, "-m", "crc_train.cli", "--data-source", "synthetic", "--data-root",
              str(work / "data"), "--size", str(size), "--backbone", backbone, "--epochs", "1",
-             "--max-train-pairs", "16", "--batch-size", "16", "--device", "cpu", "--quiet", "--out",
-             str(run_dir)],
+             "--max-train-pairs", "16", "--batch-size", "16", "--device", "cpu", "--no-evaluate", "--quiet",
+             "--out", str(run_dir)],
             check=True,
         )  # fmt: skip
     if not (bundle / "manifest.json").is_file():

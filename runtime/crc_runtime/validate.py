@@ -195,7 +195,7 @@ def artifact_thresholds(
 
 def validate_bundle(
     bundle: Bundle,
-    device: str = "auto",
+    device: str = "cpu",
     batch_size: int = 64,
     overrides: dict[str, dict[str, float]] | None = None,
     intra_op_threads: int | None = None,

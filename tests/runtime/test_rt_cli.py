@@ -193,7 +193,7 @@ def test_non_onnx_artifact_and_bad_output(tiny, tmp_path, bundle_copy, edit_mani
     # the backend's reason, and the ONNX artifact still passes.
     result = _run("validate", bundle_copy)
     assert result.exit_code == 0 and "gpu.plan" in result.output and "skipped" in result.output
-    rows = validate_bundle(load_bundle(bundle_copy), batch_size=8)
+    rows = validate_bundle(load_bundle(bundle_copy), device="auto", batch_size=8)
     (plan_row,) = [r for r in rows if r["artifact"] == "gpu.plan"]
     assert plan_row["passed"] is None and plan_row["reasons"][0].startswith("cannot run here: ")
     assert "tensorrt" in plan_row["reasons"][0].lower()
