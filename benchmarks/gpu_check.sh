@@ -92,9 +92,11 @@ gpu = smi and subprocess.run([smi, "-L"], capture_output=True, text=True).return
 why["NO_GPU"] = "" if gpu else "no NVIDIA GPU here (nvidia-smi is missing or lists none)"
 import sys
 facts = [f"python {sys.version.split()[0]}"]
+why["SYS_ORT_CUDA"] = ""
 try:
     import onnxruntime
     facts.append(f"onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}")
+    why["SYS_ORT_CUDA"] = "1" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ""
 except ImportError:
     facts.append("onnxruntime missing")
 try:
@@ -135,7 +137,7 @@ if ! have_ort_gpu && compgen -G "$STAGE/*" >/dev/null; then
     step install-wheels 90 bash benchmarks/gpu_wheels.sh install
     NO_MEDMNIST=$("$PY" -c 'import medmnist' 2>/dev/null && echo "" || echo "$NO_MEDMNIST")
 fi
-if [ -z "$NO_GPU_STEPS" ] && have_ort_gpu; then RESERVE=$RESERVE_B; fi
+if [ -z "$NO_GPU_STEPS" ] && { have_ort_gpu || [ -n "$SYS_ORT_CUDA" ]; }; then RESERVE=$RESERVE_B; fi
 
 if [ -n "$NO_GPU" ] || [ -n "$NO_CUDA_BINDINGS" ]; then
     skip cuda-bindings "${NO_GPU:-$NO_CUDA_BINDINGS}"
@@ -170,20 +172,21 @@ BUNDLE="$WORK/bench/bundle"
 NO_ORT=""
 if [ -n "$NO_GPU" ]; then
     NO_ORT=$NO_GPU
-elif ! have_ort_gpu; then
-    if have_ort_parts; then
+else
+    if ! have_ort_gpu && have_ort_parts; then
         step install-onnxruntime-gpu 90 bash benchmarks/gpu_wheels.sh install
     fi
-    have_ort_gpu || NO_ORT="onnxruntime-gpu is not installed: carry its wheel parts first (bash benchmarks/gpu_wheels.sh prepare, then one receive command per part)"
-fi
-if [ -z "$NO_ORT" ]; then
-    # onnxruntime-gpu finds CUDA 13 and cuDNN 9 in the nvidia-* wheels torch brought along.
+    # The carried onnxruntime-gpu, when there is one, goes before the installed onnxruntime; it finds
+    # CUDA 13 and cuDNN 9 in the nvidia-* wheels torch brought along.
+    if have_ort_gpu; then export PYTHONPATH="$SITE/ort:$SITE/deps:$BASE_PATH"; fi
     NV_LIBS=$("$PY" -c 'import glob, os, sysconfig; print(":".join(sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "lib")))))')
     export LD_LIBRARY_PATH="$NV_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export PYTHONPATH="$SITE/ort:$SITE/deps:$BASE_PATH"
     PROVIDERS=$("$PY" -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())' 2>&1 | tail -n 1)
     echo "onnxruntime for B: $PROVIDERS" | tee -a "$LOG"
-    case "$PROVIDERS" in *CUDAExecutionProvider*) ;; *) NO_ORT="onnxruntime from $SITE/ort lists no CUDA provider: $PROVIDERS" ;; esac
+    case "$PROVIDERS" in
+    *CUDAExecutionProvider*) ;;
+    *) NO_ORT="onnxruntime lists no CUDA provider ($PROVIDERS): carry onnxruntime-gpu's wheel parts (bash benchmarks/gpu_wheels.sh prepare, then one receive command per part) or install onnxruntime-gpu" ;;
+    esac
 fi
 if [ -n "$NO_ORT" ]; then
     for s in harness-ort gpu-tests validate-cuda bench-ort-cuda runtime-tests; do skip "$s" "$NO_ORT"; done
