@@ -12,9 +12,9 @@
 # cut short still leaves its numbers; $RESULTS/summary.md says for every step: ran, FAILED or skipped,
 # its seconds, and why. Steps:
 #   A (no extra wheel but medmnist): machine facts; the runtime's cuda-bindings layer and TrtBackend on
-#     real CUDA (benchmarks/cuda_smoke.py); crc-train on CUDA for a few steps with --amp bf16 and
-#     --amp fp16; the harness's torch eager FP32 / AMP FP16 rows (it builds the resnet50 @ 64 px bundle)
-#     and its torch.compile row.
+#     real CUDA with a stand-in engine (the gpu tests of tests/runtime/test_rt_contract.py); crc-train on
+#     CUDA for a few steps with --amp bf16 and --amp fp16; the harness's torch eager FP32 / AMP FP16 rows
+#     (it builds the resnet50 @ 64 px bundle) and its torch.compile row.
 #   B (onnxruntime-gpu): the ORT-CUDA FP32 / FP16 / TF32 rows and the end-to-end folder run, the
 #     runtime's gpu tests, crc-infer validate --device cuda, crc-infer bench --backend ort-cuda, then
 #     the whole runtime test suite with a working CUDA provider.
@@ -142,7 +142,7 @@ if [ -z "$NO_GPU_STEPS" ] && { have_ort_gpu || [ -n "$SYS_ORT_CUDA" ]; }; then R
 if [ -n "$NO_GPU" ] || [ -n "$NO_CUDA_BINDINGS" ]; then
     skip cuda-bindings "${NO_GPU:-$NO_CUDA_BINDINGS}"
 else
-    step cuda-bindings 60 "$PY" benchmarks/cuda_smoke.py --out "$RESULTS/cuda_smoke.json"
+    step cuda-bindings 90 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/runtime/test_rt_contract.py
 fi
 
 for amp in bf16 fp16; do

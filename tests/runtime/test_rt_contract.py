@@ -4,11 +4,14 @@ TensorRT and a GPU are not here, so the TensorRT backend runs on a fake ``tensor
 ``crc_runtime.backends.cuda`` whose "device memory" is numpy; onnxruntime's CUDA path runs on a real CPU
 session that reports the CUDA provider. What is checked is the code of crc-infer: which shapes reach
 TensorRT, how often a batch runs, what is inside the timed stages, which options onnxruntime gets, and
-the metadata every backend sets. The real GPU runs are in test_rt_backends_gpu.py (``gpu`` / ``trt``).
+the metadata every backend sets. Where a CUDA device is (``gpu`` marker), the same TensorRT backend also runs
+on real CUDA memory, streams, events and graphs, with the stand-in engine copying bytes on the GPU. The GPU
+runs of the real libraries are in test_rt_backends_gpu.py (``gpu`` / ``trt``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import re
@@ -134,8 +137,31 @@ def fake_logits(pathology: np.ndarray) -> np.ndarray:
     return (means[:, None] + np.arange(CLASSES, dtype=np.float32)).astype(np.float32)
 
 
-def fake_tensorrt(device: Device, min_batch: int = 1, max_batch: int = 8, profiles: int = 1):
-    """A ``tensorrt`` module whose engine has the tiny model's inputs and a [min, max] batch profile."""
+def fake_execute(device: Device):
+    """The fake engine's compute on the numpy device: :func:`fake_logits`, logged."""
+
+    def execute(context, stream_handle) -> bool:
+        if device.capturing:  # captured work is recorded, not run
+            device.log.append(("captured",))
+            return True
+        n = context.shapes["pathology"][0]
+        raw = device.mem[context.addresses["pathology"]][: n * SIZE * SIZE * 3]
+        logits = fake_logits(raw.reshape(n, SIZE, SIZE, 3))
+        device.mem[context.addresses["logits"]][: logits.nbytes] = logits.view(np.uint8).reshape(-1)
+        device.log.append(("replay" if device.replaying else "execute", n))
+        return True
+
+    return execute
+
+
+def fake_tensorrt(execute, min_batch: int = 1, max_batch: int = 8, profiles: int = 1, log=None):
+    """A ``tensorrt`` module whose engine has the tiny model's inputs and a [min, max] batch profile.
+
+    Args:
+        execute: ``execute(context, stream_handle) -> bool``, the engine's compute (the context has
+            ``shapes`` and ``addresses`` by tensor name).
+        log: A list that gets ``("shape", name, shape)`` for every shape the backend sets.
+    """
     dims = {"pathology": (SIZE, SIZE, 3), "radiology": (SIZE, SIZE, 1), "logits": (CLASSES,)}
     dtypes = {"pathology": "UINT8", "radiology": "UINT8", "logits": "FLOAT"}
 
@@ -144,7 +170,8 @@ def fake_tensorrt(device: Device, min_batch: int = 1, max_batch: int = 8, profil
             self.shapes, self.addresses = {}, {}
 
         def set_input_shape(self, name, shape):
-            device.log.append(("shape", name, tuple(shape)))
+            if log is not None:
+                log.append(("shape", name, tuple(shape)))
             if not min_batch <= shape[0] <= max_batch:
                 return False  # what TensorRT answers for a shape outside the profile
             self.shapes[name] = tuple(shape)
@@ -158,15 +185,7 @@ def fake_tensorrt(device: Device, min_batch: int = 1, max_batch: int = 8, profil
             return True
 
         def execute_async_v3(self, stream_handle):
-            if device.capturing:  # captured work is recorded, not run
-                device.log.append(("captured",))
-                return True
-            n = self.shapes["pathology"][0]
-            raw = device.mem[self.addresses["pathology"]][: n * SIZE * SIZE * 3]
-            logits = fake_logits(raw.reshape(n, SIZE, SIZE, 3))
-            device.mem[self.addresses["logits"]][: logits.nbytes] = logits.view(np.uint8).reshape(-1)
-            device.log.append(("replay" if device.replaying else "execute", n))
-            return True
+            return execute(self, stream_handle)
 
     class Engine:
         num_io_tensors = 3
@@ -217,7 +236,8 @@ def device(monkeypatch) -> Device:
 
 
 def _trt(monkeypatch, device, tmp_path, cuda_graphs=False, gpu=0, **profile) -> TrtBackend:
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_tensorrt(device, **profile))
+    fake = fake_tensorrt(fake_execute(device), log=device.log, **profile)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
     plan = tmp_path / "fake.plan"
     plan.write_bytes(b"engine")
     return TrtBackend(plan, RECORD, precision="fp16", cuda_graphs=cuda_graphs, device=gpu)
@@ -455,3 +475,83 @@ def test_device_means_the_same_everywhere(tiny):
         open_backend(bundle, "trt", device="cpu")
     with open_backend(bundle, "auto", device="cpu", intra_op_threads=1).backend as backend:
         assert backend.name == "ort-cpu"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same TensorRT backend on a real GPU: cuda-bindings memory, streams, events and graphs; the stand-in
+# engine copies the first ROW bytes of each pathology row into its logits row on the backend's stream.
+
+
+def _no_cuda_device() -> str | None:
+    if importlib.util.find_spec("cuda") is None:
+        return "cuda-bindings is not installed"
+    ok, why = cuda.cuda_available()
+    return None if ok else f"no usable CUDA device: {why}"
+
+
+NO_CUDA = _no_cuda_device()
+ROW = CLASSES * 4  # bytes of one logits row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA is not None, reason=str(NO_CUDA))
+def test_cuda_layer_round_trips_and_replays_a_graph():
+    nbytes = 1 << 20
+    src, dst = cuda.PinnedBuffer(nbytes, np.uint8), cuda.PinnedBuffer(nbytes, np.uint8)
+    dev, stream, start, end = cuda.DeviceBuffer(nbytes), cuda.Stream(), cuda.Event(), cuda.Event()
+    src.array[:] = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    start.record(stream)
+    cuda.copy_htod_async(dev, src, nbytes, stream)
+    cuda.copy_dtoh_async(dst, dev, nbytes, stream)
+    end.record(stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(dst.array, src.array)
+    assert end.elapsed_ms(start) >= 0
+    dst.array[:] = 0
+    src.array[:] = src.array[::-1]
+
+    def copies() -> None:
+        cuda.copy_htod_async(dev, src, nbytes, stream)
+        cuda.copy_dtoh_async(dst, dev, nbytes, stream)
+
+    graph = cuda.Graph.capture(stream, copies)
+    assert not dst.array.any()  # capture records the copies, it does not run them
+    graph.launch(stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(dst.array, src.array)
+    for obj in (graph, src, dst, dev, start, end, stream):
+        obj.close()
+
+
+def _copy_on_gpu(context, stream_handle) -> bool:
+    rt = cuda.cudart()
+    n = context.shapes["pathology"][0]
+    kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    result = rt.cudaMemcpy2DAsync(
+        context.addresses["logits"], ROW, context.addresses["pathology"], SIZE * SIZE * 3, ROW, n, kind,
+        stream_handle,
+    )  # fmt: skip
+    return int(result[0]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA is not None, reason=str(NO_CUDA))
+@pytest.mark.parametrize("graphs", [False, True])
+def test_trt_backend_on_real_cuda_with_a_standin_engine(monkeypatch, tmp_path, graphs):
+    """Profile 4..32: batches padded up, split, timed and (with graphs) replayed, every byte checked."""
+    fake = fake_tensorrt(_copy_on_gpu, min_batch=4, max_batch=32)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    info = cuda.device_info(0)
+    record = {"gpu_name": info["name"], "compute_capability": info["compute_capability"]}
+    plan = tmp_path / "standin.plan"
+    plan.write_bytes(b"stand-in")
+    with TrtBackend(plan, {**record, "tensorrt_version": fake.__version__}, cuda_graphs=graphs) as backend:
+        for n in (1, 3, 7, 32, 70, 7, 7):
+            inputs = _pairs(n, seed=n)
+            logits = backend.infer(inputs)["logits"]
+            assert logits.shape == (n, CLASSES)
+            want = inputs["pathology"].reshape(n, -1)[:, :ROW]
+            np.testing.assert_array_equal(logits.view(np.uint8).reshape(n, ROW), want)
+            assert all(backend.last_timings[k] >= 0 for k in ("h2d_ms", "compute_ms", "d2h_ms"))
+        # One graph per chunk shape: 4 (1 and 3, padded), 7, 32 and 6 (the tail of 70).
+        assert len(backend._graphs) == (4 if graphs else 0)
