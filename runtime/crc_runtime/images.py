@@ -7,7 +7,9 @@ whose ``kind`` the run summary counts):
   alpha (composited over white for RGB inputs, black for L inputs), palette, CMYK (Pillow's formula,
   no ICC profile), grayscale -> RGB (channel repeated), RGB -> L (ITU-R 601-2 luma), bilevel,
   any size >= :data:`MIN_SIDE` and non-square images (the resize rule squashes them to S x S).
-- refused: empty or non-regular files, undecodable / truncated files, more than :data:`MAX_PIXELS`
+- refused: files in any format but :data:`FORMATS` whatever their extension (Pillow reads dozens, some
+  through external programs: PostScript goes to Ghostscript; those decoders are never reached),
+  empty or non-regular files, undecodable / truncated files, more than :data:`MAX_PIXELS`
   declared pixels (decompression bombs, whole-slide images), a side below :data:`MIN_SIDE`, several
   frames, 32-bit integer values above 65535, floating-point and other exotic modes.
 """
@@ -18,15 +20,21 @@ import logging
 import os
 import stat
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .confine import Confined, Refused
 from .errors import ImageError
 
 log = logging.getLogger(__name__)
 
 CHANNELS = {"RGB": 3, "L": 1}
+# The formats the README lists, by Pillow's format ids; Pillow's JPEG reader also gives MPO (a camera
+# JPEG with a preview). Image.open tries these readers only.
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
+_FORMAT_NAMES = "PNG, JPEG, TIFF, BMP, GIF or WebP"
 MAX_PIXELS = 8192 * 8192  # larger declared sizes are refused before any pixel is decoded
 MIN_SIDE = 8  # a smaller image holds no tissue or organ structure; upscaling it would invent one
 BACKGROUND = {"RGB": (255, 255, 255, 255), "L": (0, 0, 0, 255)}  # slide glass is white, CT air is black
@@ -78,15 +86,41 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _decode(path: str | os.PathLike, max_pixels: int) -> Image.Image:
-    """Open, check the declared size and frame count, decode, apply the EXIF orientation."""
+def _open(path: str | os.PathLike, confined: Confined | None) -> BinaryIO:
+    """Open an image file for reading, refusing what cannot be one; checked on the opened file itself.
+
+    With ``confined``, the file is opened through :meth:`Confined.open`: a path that leads outside the
+    input folder at the moment of opening (a file swapped for a symlink after the folder was listed) is
+    refused, never read.
+    """
+    if confined is None:
+        check_regular_file(path)  # stat first: a device is never opened
     try:
-        fh = open(path, "rb")  # noqa: SIM115 (Pillow owns it through the with-block below)
-    except OSError as exc:
+        if confined is not None:
+            fd = confined.open(path)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO swapped in never hangs
+    except Refused as exc:
+        raise ImageError(f"{path}: {exc.reason}", exc.kind) from None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found", "missing file") from None
+    except (OSError, ValueError) as exc:
         raise ImageError(f"{path}: cannot read ({_why(exc)})", "unreadable") from None
+    st = os.fstat(fd)  # the file that was opened, whatever the path names now
+    if stat.S_ISREG(st.st_mode) and st.st_size:
+        return os.fdopen(fd, "rb")
+    os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device)", "not a file")
+    raise ImageError(f"{path}: empty file (0 bytes)", "empty file")
+
+
+def _decode(fh: BinaryIO, path: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """Identify (allowed formats only), check the declared size and frame count, decode, apply the EXIF
+    orientation."""
     with fh:
         try:
-            img = Image.open(fh)
+            img = Image.open(fh, formats=FORMATS)
         except Image.DecompressionBombError as exc:
             raise ImageError(f"{path}: refused, declared size too large ({exc})", "too large") from None
         except Image.UnidentifiedImageError:
@@ -97,7 +131,8 @@ def _decode(path: str | os.PathLike, max_pixels: int) -> Image.Image:
                 why = f"{path}: starts like a {fmt} file but its header is truncated or corrupt"
                 raise ImageError(why, "truncated or corrupt") from None
             raise ImageError(
-                f"{path}: cannot decode as an image (no format Pillow knows)", "not an image"
+                f"{path}: cannot decode as an image (not {_FORMAT_NAMES}, the formats crc-infer reads)",
+                "not an image",
             ) from None
         except Exception as exc:  # noqa: BLE001 (corrupt headers raise many types inside Pillow)
             raise ImageError(f"{path}: corrupt image header ({_why(exc)})", "truncated or corrupt") from None
@@ -161,7 +196,11 @@ def _to_mode(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Imag
 
 
 def load_image(
-    path: str | os.PathLike, color_mode: str, size: int, max_pixels: int = MAX_PIXELS
+    path: str | os.PathLike,
+    color_mode: str,
+    size: int,
+    max_pixels: int = MAX_PIXELS,
+    confined: Confined | None = None,
 ) -> np.ndarray:
     """Decode an image, convert it to ``color_mode`` and apply the resize rule.
 
@@ -175,6 +214,8 @@ def load_image(
         color_mode: ``"RGB"`` (pathology) or ``"L"`` (radiology).
         size: S, the side of the model's square input.
         max_pixels: Refuse images that declare more pixels than this.
+        confined: The input folder's :class:`~crc_runtime.confine.Confined`: the file is opened so that
+            the confinement check and the read are one operation (None: open ``path`` as it is).
 
     Returns:
         uint8 array ``[size, size, C]`` with C = 3 for RGB and 1 for L.
@@ -184,8 +225,7 @@ def load_image(
     """
     if color_mode not in CHANNELS:
         raise ValueError(f"color_mode must be one of {sorted(CHANNELS)}, got {color_mode!r}")
-    check_regular_file(path)
-    return _conform(_decode(path, max_pixels), color_mode, size, path)
+    return _conform(_decode(_open(path, confined), path, max_pixels), color_mode, size, path)
 
 
 def conform_image(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .confine import Confined
+from .confine import Confined, Refused
 from .errors import PairsError, printable
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ MODALITIES = ("pathology", "radiology")
 REQUIRED_COLUMNS = ("id", "pathology", "radiology")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8 (decoded with surrogateescape)
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_INDEX = re.compile("[0-9]+")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
@@ -55,20 +56,35 @@ class Skip:
 
 @dataclass
 class PairSet:
-    """The pairs found in a folder, the items skipped, and where the pairs came from."""
+    """The pairs found in a folder, the items skipped, and where the pairs came from.
+
+    ``confined`` is the input folder's confinement: open the pairs' files through it
+    (``load_image(..., confined=pairset.confined)``) so that a file swapped for a symlink to an outside
+    file after the listing is refused, not read.
+    """
 
     pairs: list[Pair] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     source: str = ""
+    confined: Confined | None = None
+    csv_path: Path | None = None
+
+    def paths(self) -> list[Path]:
+        """Every file the run reads: pairs.csv (if any) and each distinct image, in order."""
+        seen = dict.fromkeys(p for pair in self.pairs for p in (pair.pathology, pair.radiology))
+        return [*([self.csv_path] if self.csv_path else []), *seen]
 
 
-def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]], bool]:
+def _read_rows(csv_path: Path, confined: Confined) -> tuple[list[str], list[tuple[int, list[str]]], bool]:
     """The header (stripped, lower case), (line number, fields) of every non-blank row, and whether
     any byte was not UTF-8."""
     try:
-        raw = csv_path.read_bytes()
+        with open(confined.open(csv_path), "rb") as fh:  # still inside the folder as it is read
+            raw = fh.read()
+    except Refused as exc:
+        raise PairsError(f"{csv_path}: {exc.reason}") from None
     except OSError as exc:
-        raise PairsError(f"{csv_path}: cannot read ({exc.strerror or exc})") from None
+        raise PairsError(f"{csv_path}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise PairsError(f"{csv_path}: UTF-16 text; save it as UTF-8 CSV")
     # Undecodable bytes become lone surrogates, so one bad row is skipped, not the whole file.
@@ -85,16 +101,30 @@ def _read_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]], 
     return [printable(h).strip().lower() for h in header], rows, _SURROGATE.search(text) is not None
 
 
+def label_index(label: str, classes: Sequence[str]) -> int | None:
+    """The class a label names: a class name, or a class index written in ASCII digits; None if neither.
+
+    Only ``0-9`` count as digits: ``str.isdigit`` also accepts ``²`` or ``٣``, which are no index.
+    """
+    if label in classes:
+        return list(classes).index(label)
+    if _INDEX.fullmatch(label) and int(label) < len(classes):
+        return int(label)
+    return None
+
+
 def _label_problem(label: str, classes: Sequence[str]) -> str | None:
     """Why ``label`` names no class (a class name, or a class index written as digits), else None."""
-    if label in classes or (label.isdigit() and int(label) < len(classes)):
+    if label_index(label, classes) is not None:
         return None
     return f"label {label!r} is neither a class name of the bundle nor an index below {len(classes)}"
 
 
-def _from_csv(folder: Path, csv_path: Path, classes: Sequence[str] | None = None) -> PairSet:
-    result = PairSet(source=str(csv_path))
-    header, rows, undecodable = _read_rows(csv_path)
+def _from_csv(
+    folder: Path, csv_path: Path, confined: Confined, classes: Sequence[str] | None = None
+) -> PairSet:
+    result = PairSet(source=str(csv_path), confined=confined, csv_path=csv_path)
+    header, rows, undecodable = _read_rows(csv_path, confined)
     shown_header = ", ".join(header) or "none"
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing or len(set(header)) != len(header):
@@ -106,7 +136,6 @@ def _from_csv(folder: Path, csv_path: Path, classes: Sequence[str] | None = None
     if extra:
         log.info("%s: ignoring extra column(s) %s", csv_path, ", ".join(extra))
     columns = [(name, header.index(name)) for name in (*REQUIRED_COLUMNS, "label") if name in header]
-    confined = Confined(folder)
     base = str(folder)
     made: dict[str, Path] = {}  # one Path per distinct relative path (radiology slices repeat)
     seen: set[str] = set()
@@ -197,9 +226,8 @@ def _scan(directory: Path, confined: Confined) -> tuple[dict[str, Path], dict[st
     return unique, by_fold, skips
 
 
-def _from_folders(folder: Path) -> PairSet:
-    result = PairSet(source=f"{folder / 'pathology'} + {folder / 'radiology'}")
-    confined = Confined(folder)
+def _from_folders(folder: Path, confined: Confined) -> PairSet:
+    result = PairSet(source=f"{folder / 'pathology'} + {folder / 'radiology'}", confined=confined)
     scans = {m: _scan(folder / m, confined) for m in MODALITIES}
     for modality in MODALITIES:
         result.skipped += scans[modality][2]
@@ -239,16 +267,31 @@ def discover_pairs(folder: str | os.PathLike, classes: Sequence[str] | None = No
         PairsError: The folder does not exist, has neither layout, or yields no pairs at all.
     """
     folder = Path(folder)
+    try:
+        result = _discover(folder, classes)
+    except OSError as exc:  # a folder that cannot be listed or looked into (permissions)
+        where = exc.filename if exc.filename is not None else folder
+        why = (exc.strerror or str(exc)).lower()
+        raise PairsError(f"{where}: cannot read ({why}); check the permissions of the input folder") from None
+    if not result.pairs:
+        first = f" (first: {result.skipped[0].item}: {result.skipped[0].reason})" if result.skipped else ""
+        raise PairsError(f"{result.source}: no usable pairs, {len(result.skipped)} skipped{first}")
+    log.info("%s: %d pairs, %d skipped", result.source, len(result.pairs), len(result.skipped))
+    return result
+
+
+def _discover(folder: Path, classes: Sequence[str] | None) -> PairSet:
     if not folder.is_dir():
         raise PairsError(f"{folder}: not a folder; pass a folder with pairs.csv or pathology/ + radiology/")
     csv_path = folder / PAIRS_CSV
     present = [m for m in MODALITIES if (folder / m).is_dir()]
+    confined = Confined(folder)
     if csv_path.exists():
-        if not Confined(folder).inside(os.path.realpath(csv_path)) or not csv_path.is_file():
+        if not confined.inside(os.path.realpath(csv_path)) or not csv_path.is_file():
             raise PairsError(f"{csv_path}: not a regular file inside {folder}; replace it by the CSV itself")
-        result = _from_csv(folder, csv_path, classes)
+        result = _from_csv(folder, csv_path, confined, classes)
     elif len(present) == 2:
-        result = _from_folders(folder)
+        result = _from_folders(folder, confined)
     elif present:
         lack = MODALITIES[1 - MODALITIES.index(present[0])]
         raise PairsError(
@@ -258,8 +301,4 @@ def discover_pairs(folder: str | os.PathLike, classes: Sequence[str] | None = No
         raise PairsError(
             f"{folder}: expected {PAIRS_CSV} or both pathology/ and radiology/ subfolders; found neither"
         )
-    if not result.pairs:
-        first = f" (first: {result.skipped[0].item}: {result.skipped[0].reason})" if result.skipped else ""
-        raise PairsError(f"{result.source}: no usable pairs, {len(result.skipped)} skipped{first}")
-    log.info("%s: %d pairs, %d skipped", result.source, len(result.pairs), len(result.skipped))
     return result

@@ -16,9 +16,10 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
+from .confine import Confined
 from .errors import BundleError, ImageError
 from .images import CHANNELS, load_image
-from .pairs import Pair, PairSet, Skip
+from .pairs import Pair, PairSet, Skip, label_index
 
 if TYPE_CHECKING:
     from .predictor import Predictor
@@ -65,10 +66,9 @@ def resolve_label(label: str | None, classes: list[str]) -> int | None:
     """
     if label is None or label == "":
         return None
-    if label in classes:
-        return classes.index(label)
-    if label.isdigit() and int(label) < len(classes):
-        return int(label)
+    index = label_index(label, classes)
+    if index is not None:
+        return index
     raise ValueError(f"label {label!r} is neither a class name nor an index below {len(classes)}")
 
 
@@ -117,8 +117,10 @@ def check_backend(bundle: Bundle, backend: Backend) -> None:
             )
 
 
-def _decode(pair: Pair, plan: list[tuple[str, str]], size: int) -> dict[str, np.ndarray]:
-    return {name: load_image(getattr(pair, name), mode, size) for name, mode in plan}
+def _decode(
+    pair: Pair, plan: list[tuple[str, str]], size: int, confined: Confined | None
+) -> dict[str, np.ndarray]:
+    return {name: load_image(getattr(pair, name), mode, size, confined=confined) for name, mode in plan}
 
 
 def default_workers() -> int:
@@ -211,7 +213,7 @@ def run_inference(
             except ValueError as exc:
                 result.skipped.append(Skip(pair.id, str(exc), "unknown label"))
                 continue
-            job = pool.submit(_decode, pair, plan, bundle.image_size) if pool else None
+            job = pool.submit(_decode, pair, plan, bundle.image_size, pairset.confined) if pool else None
             pending.append((pair, label, job))
 
     try:
@@ -220,7 +222,11 @@ def run_inference(
             pair, label, job = pending.popleft()
             t_wait = time.perf_counter()
             try:
-                arrays = job.result() if job is not None else _decode(pair, plan, bundle.image_size)
+                arrays = (
+                    job.result()
+                    if job is not None
+                    else _decode(pair, plan, bundle.image_size, pairset.confined)
+                )
             except (ImageError, ValueError) as exc:
                 result.skipped.append(Skip(pair.id, str(exc), getattr(exc, "kind", "bad image")))
                 continue

@@ -6,9 +6,12 @@ function of the mean colour of each image and numpy computes the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,3 +226,41 @@ def cuda_ep(tiny: Tiny) -> str:
         str(tiny.bundle / "model.onnx"), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     return "works" if session.get_providers()[0] == "CUDAExecutionProvider" else "dead"
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Run as user nobody (65534) for a moment when we are root, so file permissions apply."""
+    if os.geteuid() != 0:
+        yield
+        return
+    Image.init()  # load Pillow's plugins while we can still read everything
+    try:
+        os.setegid(65534)
+        os.seteuid(65534)
+    except PermissionError:  # a container without CAP_SETUID: root reads everything, nothing to test
+        os.setegid(0)
+        pytest.skip("running as root without the right to switch to user nobody")
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def as_nobody():
+    """``with as_nobody(): ...`` runs the block as user nobody when the tests run as root (root reads
+    every file whatever its permissions); skips the test where that switch is not allowed."""
+    if not hasattr(os, "seteuid"):
+        pytest.skip("needs POSIX users and permissions")
+    return _unprivileged
+
+
+@pytest.fixture
+def open_dir() -> Path:
+    """A folder user nobody can traverse (pytest's tmp folders are root-only), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="crc-perm-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

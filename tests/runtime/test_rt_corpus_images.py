@@ -6,13 +6,11 @@ L radiology); one end-to-end run puts them all in one folder and checks the summ
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
-import shutil
 import struct
-import tempfile
+import subprocess
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from click.testing import CliRunner
 from crc_runtime.cli import cli
 from crc_runtime.errors import ImageError
 from crc_runtime.images import MAX_PIXELS, MIN_SIDE, load_image
-from PIL import Image
+from PIL import Image, features
 
 S = 8  # the tiny bundle's input size (conftest.SIZE)
 RNG = np.random.default_rng(6)
@@ -136,11 +134,29 @@ PNG = _save(RGB8, "PNG")
 JPEG = _save(RGB8, "JPEG", quality=95)
 TIFF = _save(RGB8, "TIFF")
 DAMAGED = "truncated or corrupt"
+EPS = _save(RGB8, "EPS")  # a real PostScript file: "%!PS-Adobe-3.0 EPSF-3.0", then the image as hex
+# DOS EPS: a binary header pointing at the PostScript section; Pillow reads it the same way.
+DOS_EPS = struct.pack("<4s6IH", b"\xc5\xd0\xd3\xc6", 30, len(EPS), 0, 0, 0, 0, 0xFFFF) + EPS
+# Formats Pillow decodes but the README does not list: refused as "not an image", whatever the name.
+_CODEC = {"JPEG2000": "jpg_2000", "AVIF": "avif"}  # formats whose writer needs an optional codec
+OTHER_FORMATS = [
+    fmt
+    for fmt in ("ICO", "PCX", "TGA", "PPM", "JPEG2000", "AVIF", "SGI", "QOI", "DDS", "IM")
+    if fmt not in _CODEC or features.check(_CODEC[fmt])
+]
 
 CASES = [
     # refused
     *(Case(f"zero_byte.{ext}", _bytes(b""), "empty file") for ext in ("png", "jpg", "tif")),
     Case("text.png", _bytes(b"id,pathology\nthis is text, not a PNG\n"), "not an image"),
+    Case("postscript.png", _bytes(EPS), "not an image"),  # never handed to Ghostscript
+    Case("postscript.jpg", _bytes(EPS), "not an image"),
+    Case("dos_eps.tif", _bytes(DOS_EPS), "not an image"),
+    *(
+        Case(f"{fmt.lower()}_as.{ext}", _bytes(_save(RGB8, fmt)), "not an image")
+        for fmt in OTHER_FORMATS
+        for ext in ("png", "jpg")
+    ),
     Case("html.jpg", _bytes(b"<html><body>404 Not Found</body></html>"), "not an image"),
     *(Case(f"trunc_{n}B.png", _cut(PNG, n), DAMAGED) for n in (4, 20, 40, len(PNG) // 2, len(PNG) - 30)),
     *(Case(f"trunc_{n}B.jpg", _cut(JPEG, n), DAMAGED) for n in (4, 20, 200, len(JPEG) // 2, len(JPEG) - 2)),
@@ -221,6 +237,25 @@ def test_case(corpus, case, mode):
         np.testing.assert_array_equal(out, case.expect(mode))
 
 
+@pytest.mark.parametrize("name", ["postscript.png", "postscript.jpg", "dos_eps.tif"])
+def test_postscript_never_reaches_ghostscript(corpus, monkeypatch, name):
+    """Pillow decodes EPS by running Ghostscript (``gs -dSAFER ... -f FILE``): never for crc-infer."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a))
+    opened = []
+    real_open = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(
+        EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1) or real_open(self)
+    )
+    with pytest.raises(ImageError) as info:
+        load_image(corpus / name, "RGB", S)
+    assert info.value.kind == "not an image" and "not PNG, JPEG, TIFF, BMP, GIF or WebP" in str(info.value)
+    assert calls == [] and opened == []  # the EPS reader is not even tried
+
+
 def test_exif_rotation_is_applied(corpus):
     """Orientation 6 on a 16 (wide) x 8 (high) image gives what rotating 90 degrees clockwise gives."""
     stored = np.asarray(Image.open(corpus / "exif_rotated.png").convert("RGB"))
@@ -255,42 +290,15 @@ def test_pixel_limit_is_a_parameter(corpus):
     assert MAX_PIXELS < Image.MAX_IMAGE_PIXELS  # ours is checked first, so Pillow never warns
 
 
-@contextlib.contextmanager
-def _unprivileged():
-    """Run as user nobody (65534) for a moment when we are root, so file permissions apply."""
-    if os.geteuid() != 0:
-        yield
-        return
-    Image.init()  # load Pillow's plugins while we can still read everything
-    try:
-        os.setegid(65534)
-        os.seteuid(65534)
-    except PermissionError:  # a container without CAP_SETUID: root reads everything, nothing to test
-        os.setegid(0)
-        pytest.skip("running as root without the right to switch to user nobody")
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
-@pytest.mark.skipif(not hasattr(os, "seteuid"), reason="needs POSIX permissions")
 @pytest.mark.parametrize("mode", MODES)
-def test_unreadable_file(mode):
-    # Root reads a chmod-000 file anyway, so the test drops to user nobody; the folder must be
-    # traversable by nobody (pytest's tmp folders are root-only), hence tempfile.
-    folder = Path(tempfile.mkdtemp(prefix="crc-unreadable-"))
-    try:
-        folder.chmod(0o711)
-        path = folder / "locked.png"
-        path.write_bytes(PNG)
-        path.chmod(0o000)
-        with _unprivileged(), pytest.raises(ImageError) as info:
-            load_image(path, mode, S)
-        assert info.value.kind == "unreadable" and "permission denied" in str(info.value)
-    finally:
-        shutil.rmtree(folder)
+def test_unreadable_file(mode, as_nobody, open_dir):
+    # Root reads a chmod-000 file anyway, so the test drops to user nobody.
+    path = open_dir / "locked.png"
+    path.write_bytes(PNG)
+    path.chmod(0o000)
+    with as_nobody(), pytest.raises(ImageError) as info:
+        load_image(path, mode, S)
+    assert info.value.kind == "unreadable" and "permission denied" in str(info.value)
 
 
 def test_end_to_end_corpus_run(tiny, tmp_path):

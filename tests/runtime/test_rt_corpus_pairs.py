@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -354,3 +355,191 @@ def test_file_names_that_are_not_utf8(tiny, tmp_path):
     )
     assert result.exit_code == 3, result.output
     assert "pathology/caf\\xe9.png: file name is not valid UTF-8" in result.output
+
+
+# ---------------------------------------------------------------- read-time confinement (TOCTOU)
+
+
+def _swap_for_symlink(path: Path, target: Path) -> None:
+    """What a hostile process does between the listing and the read: the file becomes a symlink."""
+    path.unlink() if not path.is_dir() or path.is_symlink() else shutil.rmtree(path)
+    path.symlink_to(target)
+
+
+@pytest.fixture
+def swap_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """An input folder with files and a subfolder, and an outside folder holding a valid image."""
+    root = _build(tmp_path / "in", ["pathology/a.png", "radiology/a.png", "img/sub/b.png", "img/c.png"])
+    _img(tmp_path / "outside" / "secret.png")
+    return root, tmp_path / "outside"
+
+
+# name: (swap(root, outside), path opened (relative to root), refusal kind or None when it opens)
+SWAP_CASES = {
+    "plain file": (lambda r, o: None, "img/c.png", None),
+    "file -> symlink outside (absolute)": (
+        lambda r, o: _swap_for_symlink(r / "img/c.png", o / "secret.png"),
+        "img/c.png",
+        "outside folder",
+    ),
+    "file -> symlink outside (relative ..)": (
+        lambda r, o: _swap_for_symlink(r / "img/c.png", Path("../../outside/secret.png")),
+        "img/c.png",
+        "outside folder",
+    ),
+    "folder on the way -> symlink outside": (
+        lambda r, o: _swap_for_symlink(r / "img/sub", o),
+        "img/sub/secret.png",
+        "outside folder",
+    ),
+    "file -> symlink inside (absolute)": (
+        lambda r, o: _swap_for_symlink(r / "img/c.png", r / "img/sub/b.png"),
+        "img/c.png",
+        None,
+    ),
+    "file -> symlink inside (relative)": (
+        lambda r, o: _swap_for_symlink(r / "img/c.png", Path("sub/b.png")),
+        "img/c.png",
+        None,
+    ),
+    "symlink chain that ends outside": (
+        lambda r, o: (
+            _swap_for_symlink(r / "img/c.png", Path("sub/hop.png")),
+            (r / "img/sub/hop.png").symlink_to(o / "secret.png"),
+        ),
+        "img/c.png",
+        "outside folder",
+    ),
+    "path with .. that stays inside": (lambda r, o: None, "img/sub/../c.png", None),
+    "symlink loop": (
+        lambda r, o: (
+            _swap_for_symlink(r / "img/c.png", Path("d.png")),
+            (r / "img/d.png").symlink_to("c.png"),
+        ),
+        "img/c.png",
+        "unreadable",
+    ),
+    "file -> folder": (
+        lambda r, o: ((r / "img/c.png").unlink(), (r / "img/c.png").mkdir()),
+        "img/c.png",
+        "not a file",
+    ),
+    "file -> FIFO": (
+        lambda r, o: ((r / "img/c.png").unlink(), os.mkfifo(r / "img/c.png")),
+        "img/c.png",
+        "not a file",
+    ),
+    "file removed": (lambda r, o: (r / "img/c.png").unlink(), "img/c.png", "missing file"),
+}
+
+
+@pytest.mark.parametrize("name", SWAP_CASES)
+def test_read_time_confinement(swap_tree, name):
+    """The file is checked as it is opened: a swap after the listing cannot lead the read outside."""
+    from crc_runtime.confine import Confined
+    from crc_runtime.errors import ImageError
+    from crc_runtime.images import load_image
+
+    root, outside = swap_tree
+    swap, rel, kind = SWAP_CASES[name]
+    confined = Confined(root)
+    swap(root, outside)
+    if kind is None:
+        assert load_image(root / rel, "RGB", 8, confined=confined).shape == (8, 8, 3)
+        return
+    with pytest.raises(ImageError) as info:
+        load_image(root / rel, "RGB", 8, confined=confined)
+    assert info.value.kind == kind and str(info.value).startswith(f"{root / rel}: "), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_file_swapped_for_an_outside_symlink_after_listing_is_not_read(tiny, tmp_path, monkeypatch):
+    """crc-infer end to end: the folder is listed, then a listed file becomes a symlink to an outside
+    image before the decode threads reach it; that pair is refused as outside folder, the rest run."""
+    import crc_runtime.pairs as pairs_module
+
+    root = _build(tmp_path / "in", [f"{m}/{i}.png" for m in ("pathology", "radiology") for i in "abc"])
+    secret = _img(tmp_path / "secret.png")
+    real = pairs_module.discover_pairs
+
+    def list_then_swap(folder, classes=None):
+        found = real(folder, classes)
+        _swap_for_symlink(root / "pathology" / "b.png", secret)
+        return found
+
+    monkeypatch.setattr(pairs_module, "discover_pairs", list_then_swap)
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(cli, [str(root), "--bundle", str(tiny.bundle), "--output", str(out)])
+    assert result.exit_code == 3, result.output
+    assert "pairs: 2 processed, 1 skipped" in result.output
+    assert (
+        f"skipped b: {root}/pathology/b.png: escapes the input folder (a symlink to {secret})"
+        in result.output
+    )
+    assert "skipped by reason: outside folder 1" in result.output
+
+
+def test_pairs_csv_swapped_for_an_outside_symlink_is_not_read(tmp_path, monkeypatch):
+    import crc_runtime.pairs as pairs_module
+
+    root = tmp_path / "in"
+    _img(root / "img" / "p.png")
+    (root / "pairs.csv").write_text(HEADER + "g,img/p.png,img/p.png,\n")
+    (tmp_path / "other.csv").write_text(HEADER + "evil,img/p.png,img/p.png,\n")
+    real = pairs_module._read_rows
+
+    def swap_then_read(csv_path, confined):
+        _swap_for_symlink(csv_path, tmp_path / "other.csv")
+        return real(csv_path, confined)
+
+    monkeypatch.setattr(pairs_module, "_read_rows", swap_then_read)
+    with pytest.raises(PairsError, match="escapes the input folder"):
+        discover_pairs(root)
+
+
+# ---------------------------------------------------------------- labels and permissions
+
+NINE = [f"class{i}" for i in range(9)]
+
+
+@pytest.mark.parametrize("label", ["²", "٣", "¹⁰", "1.0", "-1", "9", "1e3", "0x1", "three"])
+def test_labels_that_name_no_class(csv_folder, label):
+    """A class index is written in ASCII digits: ``²`` and ``٣`` are digits to str.isdigit, not indexes."""
+    (csv_folder / "pairs.csv").write_text(
+        HEADER + GOOD.replace("adipose", "3") + f"x,img/p.png,img/r.png,{label}\n"
+    )
+    found = discover_pairs(csv_folder, classes=NINE)
+    assert [p.id for p in found.pairs] == ["g"] and _kinds(found) == Counter({"unknown label": 1})
+    assert f"label {label!r} is neither a class name" in found.skipped[0].reason
+
+
+@pytest.mark.parametrize(("label", "index"), [("0", 0), ("8", 8), ("08", 8), ("class4", 4)])
+def test_labels_that_name_a_class(label, index):
+    from crc_runtime.predict import resolve_label
+
+    assert resolve_label(label, NINE) == index
+
+
+def test_label_superscript_two_end_to_end(tiny, csv_copy):
+    with open(csv_copy / "pairs.csv", "a") as fh:
+        fh.write("sq,img/pathology/case-0.png,img/radiology/case-0.png,²\n")
+    result = CliRunner().invoke(cli, [str(csv_copy), "--bundle", str(tiny.bundle)])
+    assert result.exit_code == 3, result.output
+    assert "line 8 (sq): label '²' is neither a class name" in result.output
+
+
+@pytest.mark.parametrize("locked", ["pathology", "radiology", "the folder", "pairs.csv"])
+def test_unreadable_input_folder(as_nobody, open_dir, locked):
+    """Root reads everything, so the listing runs as user nobody: one line, no PermissionError."""
+    root = _build(open_dir / "in", ["pathology/a.png", "radiology/a.png"])
+    if locked == "pairs.csv":
+        (root / "pairs.csv").write_text(HEADER + "a,pathology/a.png,radiology/a.png,\n")
+    for path in (open_dir, *open_dir.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    target = root if locked == "the folder" else root / locked
+    target.chmod(0o000)
+    with as_nobody(), pytest.raises(PairsError) as info:
+        discover_pairs(root)
+    message = str(info.value)
+    assert "permission denied" in message and "\n" not in message, message
+    assert message.startswith(str(target if locked != "the folder" else root)), message

@@ -68,11 +68,11 @@ def test_decoded_pairs_in_flight_stay_bounded(many, tiny, predictor, monkeypatch
     started, done, worst = [0], [0], [0]
     real = predict._decode
 
-    def counting(pair, plan, size):
+    def counting(*args):
         with lock:
             started[0] += 1
             worst[0] = max(worst[0], started[0] - done[0])
-        return real(pair, plan, size)
+        return real(*args)
 
     def on_batch(preds):
         with lock:
