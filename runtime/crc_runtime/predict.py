@@ -97,24 +97,12 @@ def input_plan(bundle: Bundle) -> list[tuple[str, str]]:
 
 
 def check_backend(bundle: Bundle, backend: Backend) -> None:
-    """The manifest's inputs must be the model's own: same names, dtypes and ranks.
+    """The manifest's inputs and outputs must be the model's own (:meth:`Bundle.check_model`).
 
     Raises:
         BundleError: One line naming the first disagreement.
     """
-    model = {s.name: s for s in backend.input_specs}
-    wanted = {spec["name"]: spec for spec in bundle.inputs}
-    if set(model) != set(wanted):
-        raise BundleError(
-            f"{bundle.path}: manifest inputs {sorted(wanted)} but the model has {sorted(model)}; "
-            "re-export the bundle"
-        )
-    for name, spec in wanted.items():
-        if model[name].dtype != spec["dtype"] or len(model[name].shape) != len(spec["shape"]):
-            raise BundleError(
-                f"{bundle.path}: manifest says input {name} is {spec['dtype']} {spec['shape']}, "
-                f"the model has {model[name].describe()}; re-export the bundle"
-            )
+    bundle.check_model(backend.input_specs, backend.output_specs, bundle.path)
 
 
 def _decode(

@@ -27,7 +27,7 @@ from PIL import Image
 from .backends import Selection, open_backend
 from .backends.base import Backend
 from .bundle import Bundle, load_bundle
-from .errors import BundleError, UserError
+from .errors import UserError
 from .images import CHANNELS, conform_image, load_image
 from .pairs import PairSet
 from .predict import InferenceResult, check_backend, input_plan, run_inference, softmax
@@ -187,11 +187,7 @@ class Predictor:
         t0 = time.perf_counter()
         logits = self.backend.infer(inputs)["logits"]
         self.last_seconds = time.perf_counter() - t0
-        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
-            raise BundleError(
-                f"{self.bundle.path}: model gives logits {list(logits.shape)} but the manifest "
-                f"lists {len(self.classes)} classes; re-export the bundle"
-            )
+        self.bundle.check_logits(logits, self.bundle.path)
         return Predictions(self.classes, logits, softmax(logits))
 
     def predict_folder(self, pairset: PairSet, **options: Any) -> InferenceResult:

@@ -247,6 +247,8 @@ def validate_bundle(
                 row["reasons"] = [f"cannot run here: {exc}"]
             else:
                 with selection.backend as backend:
+                    # The check crc-infer runs make too: a bundle one refuses, the other refuses.
+                    bundle.check_model(backend.input_specs, backend.output_specs, bundle.path / name)
                     logits = run_reference(backend, ref, batch_size)
                 row.update(
                     parity_row(ref, logits, precision, limits),

@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +19,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from crc_runtime.backends.tensorrt import engine_mismatches
-from crc_runtime.bundle import load_bundle, sha256_file
+from crc_runtime.bundle import REFERENCE_KEYS, load_bundle, sha256_file
 from crc_runtime.cli import cli
+from crc_runtime.errors import BundleError
 
 
 def _manifest(bundle: Path) -> dict:
@@ -149,6 +153,161 @@ RUN_CASES = {
 }
 
 
+def _rename_model_output(new: str) -> Callable[[Path], None]:
+    """A model whose output is not called logits (the manifest still says logits), sha256 updated."""
+
+    def damage(bundle: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(bundle / "model.onnx"))
+        for node in model.graph.node:
+            node.output[:] = [new if o == "logits" else o for o in node.output]
+        model.graph.output[0].name = new
+        onnx.save(model, str(bundle / "model.onnx"))
+        _rehash(bundle, "model.onnx")
+
+    return damage
+
+
+def _outputs(**changes) -> Callable[[Path], None]:
+    return _edit(lambda m: m["outputs"][0].update(changes))
+
+
+# Every manifest field is checked against the schema, and the manifest against the model, by run and
+# validate alike (issue 12: validate passed what run refused, and odd types gave tracebacks).
+SCHEMA_CASES = {
+    "resize a string": (_set("resize", "Pillow"), "'resize' missing or not an object (found 'Pillow')"),
+    "resize.size 0": (
+        _edit(lambda m: m["resize"].update(size=[0, 0])),
+        "resize.size a list of 2 items is not",
+    ),
+    "resize.size negative": (_edit(lambda m: m["resize"].update(size=[-8, -8])), "resize.size"),
+    "resize.size huge": (_edit(lambda m: m["resize"].update(size=[10**6, 10**6])), "S in 1..4096"),
+    "resize.size true": (_edit(lambda m: m["resize"].update(size=[True, True])), "resize.size"),
+    "resize.size a number": (_edit(lambda m: m["resize"].update(size=8)), "resize.size 8 is not [S, S]"),
+    "resize.library a list": (_edit(lambda m: m["resize"].update(library=[1])), "resize rule a list of 1"),
+    "artifacts an object": (
+        _set("artifacts", {"file": "model.onnx"}),
+        "'artifacts' missing or not a list of artifact entries (found an object of 1 keys)",
+    ),
+    "artifacts entry a string": (
+        _set("artifacts", ["model.onnx"]),
+        "'artifacts[0]' missing or not an object",
+    ),
+    "artifact without kind": (
+        _edit(lambda m: m["artifacts"][0].pop("kind")),
+        "'artifacts[0].kind' missing or not a string (found nothing)",
+    ),
+    "artifact usable 'yes'": (
+        _edit(lambda m: m["artifacts"][0].update(usable="yes")),
+        "'artifacts[0].usable' missing or not true or false",
+    ),
+    "artifact parity a list": (
+        _edit(lambda m: m["artifacts"][0].update(parity=["ok"])),
+        "'artifacts[0].parity' missing or not an object",
+    ),
+    "artifact parity reasons a string": (
+        _edit(lambda m: m["artifacts"][0]["parity"].update(reasons="fine")),
+        "'artifacts[0].parity.reasons' missing or not a list of strings",
+    ),
+    "artifact parity threshold NaN": (
+        _edit(lambda m: m["artifacts"][0]["parity"].update(thresholds={"max_abs_diff": float("nan")})),
+        "'artifacts[0].parity.thresholds.max_abs_diff' missing or not a finite number (found NaN)",
+    ),
+    "artifact engine a list": (
+        _edit(lambda m: m["artifacts"][0].update(engine=["sm90"])),
+        "'artifacts[0].engine' missing or not an object",
+    ),
+    "artifact external_data a string": (
+        _edit(lambda m: m["artifacts"][0].update(external_data="model.onnx.data")),
+        "'artifacts[0].external_data' missing or not a list of plain file names",
+    ),
+    "reference a string": (_set("reference", "reference.npz"), "'reference' missing or not an object"),
+    "reference.file outside": (
+        _edit(lambda m: m["reference"].update(file="../reference.npz")),
+        "'reference.file' missing or not a plain file name inside the bundle",
+    ),
+    "reference.pairs -1": (_edit(lambda m: m["reference"].update(pairs=-1)), "'reference.pairs'"),
+    "model a list": (_set("model", []), "'model' missing or not an object"),
+    "provenance run_id a number": (
+        _edit(lambda m: m["provenance"].update(run_id=7)),
+        "'provenance.run_id' missing or not a string (found 7)",
+    ),
+    "classes not strings": (_set("classes", list(range(9))), "'classes[0]' missing or not a string"),
+    "classes repeated": (_set("classes", ["a"] * 9), "classes ['a'] appear more than once"),
+    "files value a number": (
+        _edit(lambda m: m["files"].update({"model.onnx": 5})),
+        "'files.model.onnx' missing or not a sha256 hex string",
+    ),
+    "inputs entry a string": (_set("inputs", ["pathology"]), "'inputs[0]' missing or not an object"),
+    "input shape a string": (
+        _edit(lambda m: m["inputs"][0].update(shape="8x8")),
+        "'inputs[0].shape' missing or not a list of dimensions",
+    ),
+    "input name unknown": (
+        _edit(lambda m: m["inputs"][0].update(name="mri")),
+        "'inputs[0].name' missing or not one of pathology, radiology",
+    ),
+    "input color_mode CMYK": (
+        _edit(lambda m: m["inputs"][0].update(color_mode="CMYK")),
+        "'inputs[0].color_mode' missing or not one of RGB, L",
+    ),
+    "input dtype unknown": (
+        _edit(lambda m: m["inputs"][0].update(dtype="uint9")),
+        "'inputs[0].dtype' missing or not one of uint8",
+    ),
+    "inputs repeat a name": (
+        _edit(lambda m: m["inputs"].append(dict(m["inputs"][0]))),
+        "inputs names ['pathology', 'radiology', 'pathology'] repeat a name",
+    ),
+    "manifest 5 classes, logits [batch, 9]": (
+        _set("classes", ["a", "b", "c", "d", "e"]),
+        "output logits shape ['batch', 9] is not [batch, 5]",
+    ),
+    "manifest 5 classes and logits [batch, 5], model 9": (
+        _edit(
+            lambda m: (
+                m.update(classes=["a", "b", "c", "d", "e"]),
+                m["outputs"][0].update(shape=["batch", 5]),
+            )
+        ),
+        "manifest says output logits float32 [batch, 5], the model has logits float32 [batch, 9]",
+    ),
+    "output dtype float16": (_outputs(dtype="float16"), "manifest says output logits float16 [batch, 9]"),
+    "output rank 3": (
+        _outputs(shape=["batch", 9, 1]),
+        "output logits shape ['batch', 9, 1] is not [batch, 9]",
+    ),
+    "output named scores": (_outputs(name="scores"), "outputs ['scores'] have no 'logits'"),
+    "output listed twice": (
+        _edit(lambda m: m["outputs"].append({"name": "probs", "dtype": "float32", "shape": ["batch", 9]})),
+        "manifest outputs ['logits', 'probs'] but the model has ['logits']",
+    ),
+    "model output not named logits": (
+        _rename_model_output("scores"),
+        "manifest outputs ['logits'] but the model has ['scores']",
+    ),
+    "input dims disagree with the model": (
+        _edit(
+            lambda m: (
+                m["resize"].update(size=[16, 16]),
+                [spec["shape"].__setitem__(slice(1, 3), [16, 16]) for spec in m["inputs"]],
+            )
+        ),
+        "manifest says input pathology uint8 [batch, 16, 16, 3], the model has pathology uint8 [batch, 8, 8",
+    ),
+    "manifest nested 100000 deep": (
+        _manifest_bytes(b'{"schema_version": 1, "model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        "manifest.json: not valid JSON (nested too deeply",
+    ),
+    "manifest 17 MB": (
+        _manifest_bytes(b"{" + b" " * (17 << 20) + b"}"),
+        "more than any manifest crc-export writes",
+    ),
+}
+RUN_CASES.update(SCHEMA_CASES)
+
+
 def _run(*args) -> tuple[int, str, str]:
     result = CliRunner().invoke(cli, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
@@ -159,8 +318,9 @@ def test_damaged_bundle_is_refused_in_one_line(tiny, bundle_copy, tmp_path, name
     damage, expected = RUN_CASES[name]
     damage(bundle_copy)
     out = tmp_path / "p.csv"
+    # The unlabelled folder layout: a manifest with other classes still reaches the model check.
     code, stdout, stderr = _run(
-        tiny.csv_dir, "--bundle", bundle_copy, "--output", out, "--backend", "ort-cpu"
+        tiny.folders_dir, "--bundle", bundle_copy, "--output", out, "--backend", "ort-cpu"
     )
     assert code == 1, stdout + stderr
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
@@ -185,27 +345,124 @@ def _npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (b"not a zip file", "reference.npz: not a readable .npz"),
-        (
-            "pickle",
-            "reference.npz: not a readable .npz (Object arrays cannot be loaded when allow_pickle=False)",
+def _npy_member(header: bytes, data: bytes = b"") -> bytes:
+    """A raw .npy file: magic, version 1.0, the header text as given (padded), then ``data``."""
+    text = header + b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + data
+
+
+def _npz_members(ref: dict[str, np.ndarray], **raw: bytes) -> bytes:
+    """reference.npz with the real arrays, but the members named in ``raw`` replaced by raw bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for key, array in ref.items():
+            if key in raw:
+                archive.writestr(f"{key}.npy", raw[key])
+            else:
+                member = io.BytesIO()
+                np.save(member, array)
+                archive.writestr(f"{key}.npy", member.getvalue())
+    return buf.getvalue()
+
+
+def _changed(**arrays) -> Callable[[dict], bytes]:
+    return lambda ref: _npz(**{**ref, **{k: (v(ref) if callable(v) else v) for k, v in arrays.items()}})
+
+
+# name: (reference.npz bytes from the real arrays, text the validate error must contain)
+REFERENCE_CASES = {
+    "not a zip": (lambda ref: b"not a zip file", "reference.npz: not a readable .npz"),
+    "empty file": (lambda ref: b"", "reference.npz: not a readable .npz"),
+    "pickle": (
+        lambda ref: _npz(pathology=np.array([{"exec": "anything"}], dtype=object)),
+        "reference.npz: not a readable .npz (Object arrays cannot be loaded when allow_pickle=False)",
+    ),
+    "missing arrays": (
+        lambda ref: _npz(pathology=ref["pathology"], radiology=ref["radiology"]),
+        "reference.npz: missing arrays ['labels', 'logits']",
+    ),
+    "header declares 10^12 bytes": (
+        lambda ref: _npz_members(
+            ref,
+            logits=_npy_member(
+                b"{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }", b"\0" * 64
+            ),
         ),
-        ("missing", "reference.npz: missing arrays ['labels', 'logits']"),
-    ],
-)
-def test_damaged_reference_set(tiny, bundle_copy, content, expected):
-    if content == "pickle":
-        content = _npz(pathology=np.array([{"exec": "anything"}], dtype=object))
-    elif content == "missing":
-        ref = np.load(bundle_copy / "reference.npz")
-        content = _npz(pathology=ref["pathology"], radiology=ref["radiology"])
-    (bundle_copy / "reference.npz").write_bytes(content)
+        "logits declares [1000000000000] float32 (4,000,000,000,000 bytes) but holds 64 bytes",
+    ),
+    "header 60 KB long": (
+        lambda ref: _npz_members(
+            ref,
+            labels=_npy_member(b"{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }" + b" " * 60_000),
+        ),
+        "reference.npz: not a readable .npz (Header info length",
+    ),
+    "header not a dict": (
+        lambda ref: _npz_members(ref, labels=_npy_member(b"[1, 2, 3]")),
+        "reference.npz: not a readable .npz",
+    ),
+    "npy version 9": (
+        lambda ref: _npz_members(ref, labels=b"\x93NUMPY\x09\x00" + b"\0" * 60),
+        "reference.npz: labels is .npy format version (9, 0), not 1.0 or 2.0",
+    ),
+    "member cut short": (
+        lambda ref: _npz_members(ref, logits=_npz_member_bytes(ref["logits"])[:-10]),
+        "logits declares [20, 9] float32 (720 bytes) but holds 710 bytes",
+    ),
+    "no pairs": (
+        _changed(**{k: (lambda r, k=k: r[k][:0]) for k in REFERENCE_KEYS}),
+        "reference.npz: holds no reference pairs (N = 0)",
+    ),
+    "labels float": (_changed(labels=lambda r: r["labels"].astype(np.float32)), "labels is float32 [20]"),
+    "labels out of range": (
+        _changed(labels=lambda r: np.full_like(r["labels"], 9)),
+        "labels range 9..9, outside 0..8 (the manifest's classes)",
+    ),
+    "labels negative": (_changed(labels=lambda r: r["labels"] - 100), "outside 0..8"),
+    "labels 2-D": (
+        _changed(labels=lambda r: r["labels"][:, None]),
+        "labels is int64 [20, 1], expected integers",
+    ),
+    "logits NaN": (
+        _changed(
+            logits=lambda r: np.where(np.arange(20)[:, None] == 3, np.nan, r["logits"]).astype(np.float32)
+        ),
+        "1 of 20 reference logit rows are NaN or infinite",
+    ),
+    "logits inf": (_changed(logits=lambda r: r["logits"] * np.float32(np.inf)), "20 of 20 reference logit"),
+    "logits 5 classes": (
+        _changed(logits=lambda r: r["logits"][:, :5]),
+        "logits is float32 [20, 5], expected float",
+    ),
+    "logits int": (_changed(logits=lambda r: r["logits"].astype(np.int64)), "logits is int64 [20, 9]"),
+    "fewer logits than labels": (_changed(logits=lambda r: r["logits"][:10]), "logits is float32 [10, 9]"),
+    "pathology float": (
+        _changed(pathology=lambda r: r["pathology"].astype(np.float32)),
+        "pathology is float32 [20, 8, 8, 3], expected uint8 [20, 8, 8, 3]",
+    ),
+    "radiology 16 px": (
+        _changed(radiology=lambda r: np.repeat(np.repeat(r["radiology"], 2, 1), 2, 2)),
+        "radiology is uint8 [20, 16, 16, 1], expected uint8 [20, 8, 8, 1]",
+    ),
+}
+
+
+def _npz_member_bytes(array: np.ndarray) -> bytes:
+    member = io.BytesIO()
+    np.save(member, array)
+    return member.getvalue()
+
+
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+def test_damaged_reference_set(tiny, bundle_copy, name):
+    build, expected = REFERENCE_CASES[name]
+    with np.load(bundle_copy / "reference.npz") as data:
+        ref = {key: data[key] for key in REFERENCE_KEYS}
+    (bundle_copy / "reference.npz").write_bytes(build(ref))
     _rehash(bundle_copy, "reference.npz")
     code, stdout, stderr = _run("validate", bundle_copy)
     assert code == 1 and stderr.startswith("error: ") and expected in stderr, stdout + stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
     # Running pairs never reads the reference set, so the damaged one does not stop it.
     code, stdout, _ = _run(tiny.csv_dir, "--bundle", bundle_copy, "--output", bundle_copy.parent / "p.csv")
     assert code == 0, stdout
@@ -333,3 +590,18 @@ def test_nothing_written_outside_folder_bundle_and_output(tiny, bundle_copy, csv
     code, stdout, _ = _run(csv_copy, "--bundle", bundle_copy, "--output", out_dir / "p.csv")
     assert code == 0, stdout
     assert snapshot() == before and os.listdir(out_dir) == ["p.csv"]
+
+
+@pytest.mark.parametrize("locked", ["manifest.json", "model.onnx", "reference.npz", "the bundle folder"])
+def test_unreadable_bundle_files(tiny, as_nobody, open_dir, locked):
+    """Root reads everything, so the load runs as user nobody: one line, no PermissionError."""
+    bundle = Path(shutil.copytree(tiny.bundle, open_dir / "bundle"))
+    for path in (bundle, *bundle.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    target = bundle if locked == "the bundle folder" else bundle / locked
+    target.chmod(0o000)
+    with as_nobody(), pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    message = str(info.value)
+    assert "cannot read (permission denied)" in message and "\n" not in message, message
+    assert message.startswith(str(target if locked != "the bundle folder" else bundle)), message
