@@ -9,6 +9,7 @@ seed, so every backend sees the same bytes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -20,6 +21,19 @@ from .timing import latency_section, throughput
 log = logging.getLogger(__name__)
 
 MIN_ITERATIONS = 5  # a duration-bounded run still times at least this many calls
+MAX_DURATION = 86_400.0  # seconds per batch size: a day
+
+
+def check_duration(seconds: float) -> float:
+    """``seconds`` if it is a duration a benchmark can end after: finite, above 0, at most a day.
+
+    Raises:
+        UserError: NaN (a comparison with it is never true, so the timing loop would never end), inf,
+            0 or less, or more than :data:`MAX_DURATION`.
+    """
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_DURATION):
+        raise UserError(f"{seconds!r} is not a duration above 0 and at most {MAX_DURATION:g} seconds")
+    return seconds
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -124,7 +138,16 @@ def run_bench(
     iterations: int | None = None,
     duration: float = 3.0,
 ) -> list[dict]:
-    """:func:`bench_batch` for each batch size; sizes beyond an engine's profile get a skipped row."""
+    """:func:`bench_batch` for each batch size; sizes beyond an engine's profile get a skipped row.
+
+    Raises:
+        UserError: A count below its minimum or a duration :func:`check_duration` refuses, before any
+            call is made.
+    """
+    if warmup_iters < 0 or (iterations is not None and iterations < 1):
+        raise UserError(f"warm-up calls {warmup_iters} must be >= 0 and timed calls {iterations} >= 1")
+    if iterations is None:
+        check_duration(duration)
     rows = []
     for n in batch_sizes:
         if backend.max_batch is not None and n > backend.max_batch:

@@ -26,12 +26,15 @@ from .cli_options import (
     EXIT_INTERRUPTED,
     EXIT_SKIPPED,
     GPU,
+    QUIET,
     REPORT,
+    SECONDS,
     TF32,
     THREADS,
     VERBOSE,
     DefaultGroup,
     fail,
+    progress,
     setup_logging,
 )
 from .errors import UserError
@@ -71,6 +74,7 @@ class RunOptions:
     workers: int | None
     report: Path | None
     threads: int | None
+    quiet: bool
     verbose: bool
 
 
@@ -106,6 +110,7 @@ class RunOptions:
 )
 @REPORT
 @THREADS
+@QUIET
 @VERBOSE
 def run_command(**options) -> None:
     """Predict every pair in FOLDER (pairs.csv, or pathology/ + radiology/ matched by file stem).
@@ -131,7 +136,7 @@ def _run_folder(opts: RunOptions) -> FolderRun:
     from .bundle import MANIFEST_NAME, load_bundle, sha256_file
     from .pairs import discover_pairs
     from .predict import prediction_columns, prediction_row
-    from .predictions import PredictionWriter
+    from .predictions import PredictionWriter, check_outputs
     from .predictor import Predictor
     from .run_summary import FolderRun
     from .timing import folder_run_report
@@ -139,6 +144,10 @@ def _run_folder(opts: RunOptions) -> FolderRun:
     output = opts.output or opts.folder / "predictions.csv"
     bundle = load_bundle(opts.bundle_dir)
     pairset = discover_pairs(opts.folder, bundle.classes)
+    check_outputs(
+        {"--output": output, "--report": opts.report},
+        {"the bundle": bundle.paths(), "the input folder": pairset.paths()},
+    )
     with Predictor(
         bundle,
         opts.backend_name,
@@ -150,24 +159,24 @@ def _run_folder(opts: RunOptions) -> FolderRun:
         cuda_graphs=opts.cuda_graphs,
         tf32=opts.tf32,
     ) as predictor:
-        for path, flag in ((output, "--output"), (opts.report, "--report")):
-            if path is not None and (path.is_dir() or not path.parent.is_dir()):
-                raise UserError(
-                    f"{path}: is a folder or its folder does not exist; pass a file path as {flag}"
-                )
         run_key = {
             "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
             "artifact": predictor.artifact["file"],
         }
         writer = PredictionWriter(output, prediction_columns(bundle.classes), opts.resume, run_key)
+        todo = sum(pair.id not in writer.done_ids for pair in pairset.pairs)
         try:
-            result = predictor.predict_folder(
-                pairset,
-                skip_ids=writer.done_ids,
-                on_batch=lambda preds: writer.write_rows(prediction_row(p, bundle.classes) for p in preds),
-                workers=opts.workers,
-                keep_predictions=False,  # rows stream to the writer: memory stays flat
-            )
+            with progress(todo, opts.quiet, "predicting") as advance:
+                result = predictor.predict_folder(
+                    pairset,
+                    skip_ids=writer.done_ids,
+                    on_batch=lambda preds: writer.write_rows(
+                        prediction_row(p, bundle.classes) for p in preds
+                    ),
+                    workers=opts.workers,
+                    keep_predictions=False,  # rows stream to the writer: memory stays flat
+                    on_progress=advance,
+                )
         except KeyboardInterrupt:  # Ctrl-C: what is on disk stays there, one line says how to go on
             click.echo(
                 f"interrupted: {len(writer.ids)} rows kept in {writer.partial}; "
@@ -175,6 +184,11 @@ def _run_folder(opts: RunOptions) -> FolderRun:
                 err=True,
             )
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # an empty partial goes; rows already written stay for --resume
+            kept = writer.abandon()
+            if kept and isinstance(exc, UserError):
+                raise UserError(f"{exc}; {kept}") from None
+            raise
     if not result.processed and not result.resumed:
         writer.discard()
         first = result.skipped[0] if result.skipped else None
@@ -185,7 +199,10 @@ def _run_folder(opts: RunOptions) -> FolderRun:
     try:
         writer.finalize(order=[p.id for p in pairset.pairs])
     except OSError as exc:
-        raise UserError(f"{output}: cannot write predictions ({exc.strerror or exc})") from None
+        raise UserError(
+            f"{output}: cannot write predictions ({exc.strerror or exc}); the rows are kept in "
+            f"{writer.partial}: make room and run the same command with --resume"
+        ) from None
     report = folder_run_report(result, predictor)
     if opts.report is not None:
         _write_report(opts.report, report)
@@ -195,8 +212,6 @@ def _run_folder(opts: RunOptions) -> FolderRun:
 def _write_report(path: Path, report: dict) -> None:
     from .timing import write_report
 
-    if path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"{path}: is a folder or its folder does not exist; pass a file path as --report")
     try:
         write_report(path, report)
     except OSError as exc:
@@ -223,7 +238,7 @@ def _write_report(path: Path, report: dict) -> None:
 )
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=3.0,
     show_default=True,
     help="Seconds of timed calls per batch size when --iterations is not given.",
@@ -251,12 +266,14 @@ def bench_command(
     from .backends import open_backend
     from .bench import format_bench_table, parse_batch_sizes, run_bench
     from .bundle import load_bundle
+    from .predictions import check_outputs
     from .timing import backend_section, environment
 
     setup_logging(verbose)
     try:
         sizes = parse_batch_sizes(batch_sizes)
         bundle = load_bundle(bundle_dir)
+        check_outputs({"--report": report}, {"the bundle": bundle.paths()})
         selection = open_backend(bundle, backend_name, artifact_name, device, gpu, threads, cuda_graphs, tf32)
         with selection.backend as backend:
             rows = run_bench(backend, sizes, warmup_iters, iterations, duration)

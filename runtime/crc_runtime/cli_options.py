@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -42,8 +44,13 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
+        """Also: Ctrl-C anywhere a command has not handled it (loading the bundle, listing the folder,
+        ...) is one line and exit 130, not click's "Aborted!" and exit 1."""
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except click.UsageError as exc:
             typed = ctx.meta.get("crc_infer.command_typed")
             if typed not in (None, DEFAULT_COMMAND) and exc.ctx is not None and exc.ctx.info_name == typed:
@@ -52,6 +59,38 @@ class DefaultGroup(click.Group):
                     f"./{typed} --bundle BUNDLE"
                 )
             raise
+
+
+@contextlib.contextmanager
+def progress(length: int, quiet: bool, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr when it is a terminal and not ``--quiet``; yields ``advance(pairs)``.
+
+    Off a terminal nothing at all is printed (click's bar would still print its label there).
+    """
+    if quiet or length <= 0 or not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
+
+
+class Seconds(click.ParamType):
+    """A duration in seconds, as :func:`crc_runtime.bench.check_duration` allows (``nan`` never ends)."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx) -> float:
+        from .bench import check_duration
+
+        try:
+            return check_duration(float(value))
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SECONDS = Seconds()
 
 
 def _holds_pairs(name: str) -> bool:
@@ -106,6 +145,9 @@ BUNDLE = click.option(
     help="Bundle folder written by crc-export.",
 )
 VERBOSE = click.option("-v", "--verbose", is_flag=True, help="Log what the runtime does.")
+QUIET = click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal)."
+)
 BACKEND = click.option(
     "--backend",
     "backend_name",

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NON_FINITE = "the model gave NaN or infinite logits for this pair, so no prediction (run crc-infer validate)"
+
 
 @dataclass
 class Prediction:
@@ -129,6 +131,7 @@ def run_inference(
     workers: int | None = None,
     prefetch_batches: int = 2,
     keep_predictions: bool = True,
+    on_progress: Callable[[int], None] | None = None,
 ) -> InferenceResult:
     """Decode, batch and run every pair; undecodable pairs and unknown labels are skipped with a reason.
 
@@ -152,8 +155,11 @@ def run_inference(
         prefetch_batches: Batches decoded ahead of the one running.
         keep_predictions: Keep every Prediction in ``result.predictions``; False keeps memory flat
             (counts and accuracy are still kept; use ``on_batch`` to see the rows).
+        on_progress: Called with the number of pairs just finished (predicted or skipped), for a
+            progress bar.
     """
     bundle, plan, batch_size = predictor.bundle, predictor.plan, predictor.batch_size
+    progress = on_progress or (lambda done: None)
     workers = default_workers() if workers is None else max(0, int(workers))
     result = InferenceResult(skipped=list(pairset.skipped), batch_size=batch_size, workers=workers)
     start = time.perf_counter()
@@ -168,9 +174,14 @@ def run_inference(
             result.batch_pairs.append(len(batch))
             for stage, ms in predictor.backend.last_timings.items():
                 result.stage_ms.setdefault(stage, []).append(ms)
+        finite = np.isfinite(out.logits).all(axis=1)  # a NaN row would be "predicted" as class 0
+        for (pair, _, _), ok in zip(batch, finite, strict=True):
+            if not ok:
+                result.skipped.append(Skip(pair.id, NON_FINITE, "non-finite logits"))
         preds = [
             Prediction(pair.id, probs, int(probs.argmax()), label)
-            for (pair, label, _), probs in zip(batch, out.probs, strict=True)
+            for (pair, label, _), probs, ok in zip(batch, out.probs, finite, strict=True)
+            if ok
         ]
         result.processed += len(preds)
         for p in preds:
@@ -181,6 +192,7 @@ def run_inference(
             result.predictions.extend(preds)
         if on_batch is not None:
             on_batch(preds)
+        progress(len(batch))
         batch.clear()
 
     todo = iter(pairset.pairs)
@@ -200,6 +212,7 @@ def run_inference(
                 label = resolve_label(pair.label, bundle.classes)
             except ValueError as exc:
                 result.skipped.append(Skip(pair.id, str(exc), "unknown label"))
+                progress(1)
                 continue
             job = pool.submit(_decode, pair, plan, bundle.image_size, pairset.confined) if pool else None
             pending.append((pair, label, job))
@@ -217,6 +230,7 @@ def run_inference(
                 )
             except (ImageError, ValueError) as exc:
                 result.skipped.append(Skip(pair.id, str(exc), getattr(exc, "kind", "bad image")))
+                progress(1)
                 continue
             finally:
                 result.decode_wait_seconds += time.perf_counter() - t_wait

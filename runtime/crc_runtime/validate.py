@@ -146,6 +146,10 @@ def parity_row(ref: dict[str, np.ndarray], logits: np.ndarray, precision: str, l
     """
     metrics = compare_logits(ref["logits"], ref["labels"], logits)
     passed, reasons = gate(metrics, precision, limits)
+    bad = int((~np.isfinite(np.asarray(logits))).any(axis=1).sum())
+    if bad:  # NaN rows can still agree on the argmax and pass an agreement-only gate
+        passed = False
+        reasons.insert(0, f"{precision} {bad} of {metrics['pairs']} rows of logits are NaN or infinite")
     return {
         **metrics,
         "passed": passed,

@@ -11,7 +11,10 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +61,12 @@ class Tiny:
         return (feats @ self.weight + self.bias).astype(np.float32)
 
 
-def build_model(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
-    """The tiny ONNX graph: inputs uint8 NHWC with a dynamic batch, output logits float32 [batch, 9]."""
+def build_model(path: Path, weight: np.ndarray, bias: np.ndarray, nan_below: float | None = None) -> None:
+    """The tiny ONNX graph: inputs uint8 NHWC with a dynamic batch, output logits float32 [batch, 9].
+
+    ``nan_below``: the logits of a pair whose mean pathology value is below it are all NaN (the row
+    gets ``0 * sqrt(mean - nan_below)``); 256 makes every row NaN.
+    """
     f32 = TensorProto.FLOAT
     nodes = [
         helper.make_node("Cast", ["pathology"], ["p_f"], to=f32),
@@ -68,8 +75,21 @@ def build_model(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
         helper.make_node("ReduceMean", ["r_f"], ["r_m"], axes=[1, 2], keepdims=0),
         helper.make_node("Concat", ["p_m", "r_m"], ["feat"], axis=1),
         helper.make_node("MatMul", ["feat", "W"], ["mm"]),
-        helper.make_node("Add", ["mm", "B"], ["logits"]),
+        helper.make_node("Add", ["mm", "B"], ["logits" if nan_below is None else "clean"]),
     ]
+    extra = []
+    if nan_below is not None:
+        nodes += [
+            helper.make_node("ReduceMean", ["p_m"], ["p_all"], axes=[1], keepdims=1),
+            helper.make_node("Sub", ["p_all", "T"], ["shifted"]),
+            helper.make_node("Sqrt", ["shifted"], ["root"]),  # NaN below the threshold
+            helper.make_node("Mul", ["root", "Z"], ["poison"]),
+            helper.make_node("Add", ["clean", "poison"], ["logits"]),
+        ]
+        extra = [
+            numpy_helper.from_array(np.array([nan_below], np.float32), "T"),
+            numpy_helper.from_array(np.array([0.0], np.float32), "Z"),
+        ]
     graph = helper.make_graph(
         nodes,
         "tiny-crc",
@@ -78,7 +98,7 @@ def build_model(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
             helper.make_tensor_value_info("radiology", TensorProto.UINT8, ["batch", SIZE, SIZE, 1]),
         ],
         [helper.make_tensor_value_info("logits", f32, ["batch", len(CLASSES)])],
-        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B"), *extra],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -194,6 +214,22 @@ def bundle_copy(tiny: Tiny, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def nan_bundle(tiny: Tiny, tmp_path: Path):
+    """``nan_bundle(threshold)``: a copy of the tiny bundle whose model gives NaN logits for every pair
+    with a mean pathology value below ``threshold`` (256: every pair), its sha256 updated."""
+
+    def make(threshold: float) -> Path:
+        bundle = Path(shutil.copytree(tiny.bundle, tmp_path / f"nan-bundle-{threshold:g}"))
+        build_model(bundle / "model.onnx", tiny.weight, tiny.bias, nan_below=threshold)
+        _edit_manifest(
+            bundle, lambda m: m["files"].update({"model.onnx": sha256_file(bundle / "model.onnx")})
+        )
+        return bundle
+
+    return make
+
+
+@pytest.fixture
 def csv_copy(tiny: Tiny, tmp_path: Path) -> Path:
     """A private copy of the pairs.csv example folder."""
     return Path(shutil.copytree(tiny.csv_dir, tmp_path / "pairs_csv"))
@@ -264,3 +300,71 @@ def open_dir() -> Path:
     folder.chmod(0o711)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# A real crc-infer process. The launcher restores Python's Ctrl-C handler: a shell that runs a job in the
+# background (``cmd &``, as a CI wrapper may) sets SIGINT to ignored, children inherit that, and then
+# Ctrl-C would do nothing. ``preamble`` runs first (e.g. a file size limit).
+_LAUNCHER = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
+)
+
+
+@pytest.fixture
+def crc_infer_command():
+    """``crc_infer_command(args, preamble="")``: the argv of a real ``crc-infer`` process."""
+
+    def command(args, preamble: str = "") -> list[str]:
+        return [sys.executable, "-c", preamble + _LAUNCHER, *(str(a) for a in args)]
+
+    return command
+
+
+@pytest.fixture
+def many_pairs(tiny: Tiny):
+    """``many_pairs(folder, n)``: n pairs in pairs.csv cycling over the six example images (ids in a
+    non-sorted order)."""
+
+    def make(folder: Path, n: int) -> None:
+        shutil.copytree(tiny.csv_dir / "img", folder / "img")
+        stems = sorted(tiny.expected)
+        with open(folder / "pairs.csv", "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["id", "pathology", "radiology", "label"])
+            for i in range(n):
+                stem = stems[i % len(stems)]
+                label = tiny.expected[stem][1]
+                out.writerow(
+                    [
+                        f"p{(i * 7919) % n:05d}",
+                        f"img/pathology/{stem}.png",
+                        f"img/radiology/{stem}.png",
+                        label,
+                    ]
+                )
+
+    return make
+
+
+@pytest.fixture
+def start_run(tiny: Tiny, crc_infer_command):
+    """``start_run(folder, out)``: start a real crc-infer (batch size 1) and return (process, args) once
+    some rows are on disk in OUTPUT.partial."""
+
+    def start(folder: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
+        args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
+        args += ["--threads", "1", "--output", str(out)]
+        proc = subprocess.Popen(
+            crc_infer_command(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        partial = out.with_name(out.name + ".partial")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and partial.stat().st_size > 2000:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "crc-infer finished before it could be interrupted"
+        return proc, args
+
+    return start

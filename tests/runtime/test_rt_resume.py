@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -98,52 +94,12 @@ def test_writer_refuses_a_symlinked_partial(tmp_path):
     assert target.read_text() == "precious\n"
 
 
-def _many_pairs(tiny, folder: Path, n: int) -> None:
-    """n pairs in pairs.csv cycling over the six example images (ids in a non-sorted order)."""
-    shutil.copytree(tiny.csv_dir / "img", folder / "img")
-    stems = sorted(tiny.expected)
-    with open(folder / "pairs.csv", "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["id", "pathology", "radiology", "label"])
-        for i in range(n):
-            stem = stems[i % len(stems)]
-            label = tiny.expected[stem][1]
-            out.writerow(
-                [f"p{(i * 7919) % n:05d}", f"img/pathology/{stem}.png", f"img/radiology/{stem}.png", label]
-            )
-
-
-def _start_and_wait_for_rows(tiny, folder: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
-    """Start a real crc-infer (batch size 1) and return once some rows are on disk in OUTPUT.partial.
-
-    The launcher restores Python's Ctrl-C handler: a shell that runs a job in the background (``cmd &``,
-    as a CI wrapper may) sets SIGINT to ignored, children inherit that, and then Ctrl-C would do nothing.
-    """
-    code = (
-        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
-    )
-    args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
-    args += ["--threads", "1", "--output", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    partial = out.with_name(out.name + ".partial")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size > 2000:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "crc-infer finished before it could be interrupted"
-    return proc, args
-
-
-def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(tiny, tmp_path):
+def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(tiny, tmp_path, many_pairs, start_run):
     folder = tmp_path / "in"
     folder.mkdir()
-    _many_pairs(tiny, folder, 1000)
+    many_pairs(folder, 1000)
     out = tmp_path / "p.csv"
-    proc, args = _start_and_wait_for_rows(tiny, folder, out)
+    proc, args = start_run(folder, out)
     try:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
@@ -167,13 +123,13 @@ def test_existing_output_symlink_is_replaced_not_followed(tiny, csv_copy, tmp_pa
     assert precious.read_text() == "keep me\n" and not out.is_symlink() and len(_read(out)) == 7
 
 
-def test_killed_run_resumes_to_the_same_bytes(tiny, tmp_path):
+def test_killed_run_resumes_to_the_same_bytes(tiny, tmp_path, many_pairs, start_run):
     folder = tmp_path / "in"
     folder.mkdir()
-    _many_pairs(tiny, folder, 1000)
+    many_pairs(folder, 1000)
     killed_out = tmp_path / "killed.csv"
     partial = tmp_path / "killed.csv.partial"
-    proc, args = _start_and_wait_for_rows(tiny, folder, killed_out)  # some rows, surely not all 1000
+    proc, args = start_run(folder, killed_out)  # some rows, surely not all 1000
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
