@@ -124,9 +124,10 @@ def check_outputs(outputs: dict[str, Path | None], reads: dict[str, Iterable[Pat
                 continue
             real = os.path.realpath(path)
             if real in written:
+                shown = "" if str(path) == real else f" (read as {path})"
                 raise UserError(
-                    f"{written[real]} {real}: a file of {what} ({path}); crc-infer never writes over what "
-                    f"it reads, pass another {written[real]}"
+                    f"{written[real]} {real}: a file of {what}{shown}; crc-infer never writes over what it "
+                    f"reads, pass another {written[real]}"
                 )
 
 
