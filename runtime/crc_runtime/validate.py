@@ -69,7 +69,8 @@ def compare_logits(reference_logits: np.ndarray, labels: np.ndarray, logits: np.
     dots = (ref * out).sum(axis=1)
     # Two all-zero rows are identical (cosine 1); one zero row against a non-zero one shares nothing (0).
     both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    with np.errstate(invalid="ignore"):  # inf / inf in a non-finite row: NaN, which parity_row fails
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
     n = len(ref)
     return {
         "pairs": int(n),

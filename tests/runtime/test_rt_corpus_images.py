@@ -141,7 +141,7 @@ DOS_EPS = struct.pack("<4s6IH", b"\xc5\xd0\xd3\xc6", 30, len(EPS), 0, 0, 0, 0, 0
 _CODEC = {"JPEG2000": "jpg_2000", "AVIF": "avif"}  # formats whose writer needs an optional codec
 OTHER_FORMATS = [
     fmt
-    for fmt in ("ICO", "PCX", "TGA", "PPM", "JPEG2000", "AVIF", "SGI", "QOI", "DDS", "IM")
+    for fmt in ("ICO", "PCX", "TGA", "PPM", "JPEG2000", "AVIF", "SGI", "QOI", "DDS")
     if fmt not in _CODEC or features.check(_CODEC[fmt])
 ]
 
