@@ -47,6 +47,8 @@ _MAGIC = {
     b"\xff\xd8\xff": "JPEG",
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
+    b"II+\x00": "TIFF",  # BigTIFF (most whole-slide files over 4 GB)
+    b"MM\x00+": "TIFF",
     b"GIF8": "GIF",
     b"BM": "BMP",
     b"RIFF": "WebP",
@@ -84,6 +86,11 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
+
+
+def file_signature(head: bytes) -> str | None:
+    """The format the first bytes of a file announce (``PNG``, ``JPEG``, ``TIFF``, ...), or None."""
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def _open(path: str | os.PathLike, confined: Confined | None) -> BinaryIO:
@@ -125,8 +132,7 @@ def _decode(fh: BinaryIO, path: str | os.PathLike, max_pixels: int) -> Image.Ima
             raise ImageError(f"{path}: refused, declared size too large ({exc})", "too large") from None
         except Image.UnidentifiedImageError:
             fh.seek(0)
-            head = fh.read(4)
-            fmt = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+            fmt = file_signature(fh.read(4))
             if fmt:
                 why = f"{path}: starts like a {fmt} file but its header is truncated or corrupt"
                 raise ImageError(why, "truncated or corrupt") from None
@@ -167,8 +173,14 @@ def _decode(fh: BinaryIO, path: str | os.PathLike, max_pixels: int) -> Image.Ima
                 raise ImageError(f"{path}: truncated or corrupt ({detail})", "truncated or corrupt") from None
 
 
-def _to_mode(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Image.Image:
-    """Apply the conversion policy of the module docstring."""
+def to_mode(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Image.Image:
+    """``img`` converted to ``color_mode`` by the policy of the module docstring (alpha over white for RGB).
+
+    Whole-slide runs use it on OpenSlide's RGBA regions (transparent outside the scan, so white: glass).
+
+    Raises:
+        ImageError: A mode with no defined conversion; the message names ``path``.
+    """
     if img.mode in _SIXTEEN_BIT:
         values = np.asarray(img)
         if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
@@ -284,7 +296,7 @@ def conform_image(
 def _conform(img: Image.Image, color_mode: str, size: int, path: str | os.PathLike) -> np.ndarray:
     """Convert a decoded image to ``color_mode`` and apply the resize rule; ``[size, size, C]`` uint8."""
     try:
-        converted = _to_mode(img, color_mode, path)
+        converted = to_mode(img, color_mode, path)
         if converted.size != (size, size):
             converted = converted.resize((size, size), Image.Resampling.BILINEAR)
         array = np.asarray(converted, dtype=np.uint8)
