@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -132,6 +132,7 @@ def run_inference(
     prefetch_batches: int = 2,
     keep_predictions: bool = True,
     on_progress: Callable[[int], None] | None = None,
+    decode: Callable[[Any], dict[str, np.ndarray]] | None = None,
 ) -> InferenceResult:
     """Decode, batch and run every pair; undecodable pairs and unknown labels are skipped with a reason.
 
@@ -157,8 +158,18 @@ def run_inference(
             (counts and accuracy are still kept; use ``on_batch`` to see the rows).
         on_progress: Called with the number of pairs just finished (predicted or skipped), for a
             progress bar.
+        decode: Makes one item of ``pairset.pairs`` into the model's input arrays, ``{input name: uint8
+            [S, S, C]}``, in the worker threads (default: decode and resize the pair's two image files).
+            Items need an ``id`` and a ``label``; whole-slide runs pass tiles and their tile reader
+            (:mod:`crc_runtime.slide`). An :class:`ImageError` or ValueError skips the item; any other
+            error ends the run.
     """
     bundle, plan, batch_size = predictor.bundle, predictor.plan, predictor.batch_size
+    if decode is None:
+
+        def decode(pair: Pair) -> dict[str, np.ndarray]:
+            return _decode(pair, plan, bundle.image_size, pairset.confined)
+
     progress = on_progress or (lambda done: None)
     workers = default_workers() if workers is None else max(0, int(workers))
     result = InferenceResult(skipped=list(pairset.skipped), batch_size=batch_size, workers=workers)
@@ -214,7 +225,7 @@ def run_inference(
                 result.skipped.append(Skip(pair.id, str(exc), "unknown label"))
                 progress(1)
                 continue
-            job = pool.submit(_decode, pair, plan, bundle.image_size, pairset.confined) if pool else None
+            job = pool.submit(decode, pair) if pool else None
             pending.append((pair, label, job))
 
     try:
@@ -223,11 +234,7 @@ def run_inference(
             pair, label, job = pending.popleft()
             t_wait = time.perf_counter()
             try:
-                arrays = (
-                    job.result()
-                    if job is not None
-                    else _decode(pair, plan, bundle.image_size, pairset.confined)
-                )
+                arrays = job.result() if job is not None else decode(pair)
             except (ImageError, ValueError) as exc:
                 result.skipped.append(Skip(pair.id, str(exc), getattr(exc, "kind", "bad image")))
                 progress(1)

@@ -136,11 +136,13 @@ class PredictionWriter:
 
     Args:
         path: The final CSV path; its folder must exist.
-        columns: The header row; column 0 is the pair id.
+        columns: The header row; column 0 is the pair id (the first ``key_columns`` columns, when more).
         resume: Continue from an existing ``<path>.partial`` (its ids end up in :attr:`done_ids`);
             without it any old partial is discarded and the run starts over.
         run_key: What must be equal for rows of two runs to be mixed (bundle, artifact, ...). Stored next
             to the partial; a resume with a different key is refused.
+        key_columns: How many leading columns identify a row; its id is their values joined by ``,``
+            (whole-slide tiles.csv: x and y, id ``"x,y"``).
 
     Raises:
         UserError: The partial cannot be created, is a symlink, has another header or run key.
@@ -152,8 +154,10 @@ class PredictionWriter:
         columns: Sequence[str],
         resume: bool = False,
         run_key: dict | None = None,
+        key_columns: int = 1,
     ) -> None:
         self.path = Path(path)
+        self.key_columns = key_columns
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.key_path = self.path.with_name(self.path.name + KEY_SUFFIX)
         self.columns = [str(c) for c in columns]
@@ -270,19 +274,22 @@ class PredictionWriter:
         keep = records[0][1]
         for record, end in records[1:]:
             # A record cut inside a quoted field parses short; it and anything after it are dropped.
-            if len(record) != len(self.columns) or not record[0] or record[0] in self.done_ids:
+            if len(record) != len(self.columns) or not record[0] or self._id(record) in self.done_ids:
                 self.dropped_torn = len(records) - 1 - len(rows)
                 break
             rows.append(record)
-            self.done_ids.add(record[0])
+            self.done_ids.add(self._id(record))
             keep = end
-        self.ids = [r[0] for r in rows]
+        self.ids = [self._id(r) for r in rows]
         self.resumed_rows = rows
         if keep != len(raw):
             log.warning("%s: dropped a torn last row left by the killed run", self.partial)
             os.ftruncate(fd, keep)  # in place: the locked file stays the partial
             os.fsync(fd)
         log.info("%s: resuming after %d rows", self.partial, len(rows))
+
+    def _id(self, row: Sequence[str]) -> str:
+        return row[0] if self.key_columns == 1 else ",".join(row[: self.key_columns])
 
     def write_rows(self, rows: Iterable[Sequence[str]]) -> None:
         """Append rows (column 0 = id) and flush them to disk before returning.
@@ -300,8 +307,8 @@ class PredictionWriter:
         except OSError as exc:
             raise UserError(f"{self.partial}: cannot write predictions ({_why(exc)}), make room") from None
         for row in rows:
-            self.ids.append(row[0])
-            self.done_ids.add(row[0])
+            self.ids.append(self._id(row))
+            self.done_ids.add(self._id(row))
 
     def finalize(self, order: Sequence[str] | None = None) -> Path:
         """Close the partial and atomically give it the final name.
@@ -323,10 +330,12 @@ class PredictionWriter:
             else:
                 with open(self.partial, newline="", encoding="utf-8") as fh:
                     records = list(csv.reader(fh))[1:]
-                stale = [r[0] for r in records if r[0] not in position]
+                stale = [r for r in records if self._id(r) not in position]
                 if stale:
                     log.warning("%s: %d rows name pairs not in the input; dropped", self.partial, len(stale))
-                records = sorted((r for r in records if r[0] in position), key=lambda r: position[r[0]])
+                records = sorted(
+                    (r for r in records if self._id(r) in position), key=lambda r: position[self._id(r)]
+                )
                 atomic_write_text(self.path, _csv_text([self.columns, *records]))
                 self.partial.unlink()
             _fsync_dir(self.path.parent)
