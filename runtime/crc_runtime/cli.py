@@ -7,6 +7,7 @@ processed, or ``validate`` FAILED; 2 bad command line; 3 predictions written but
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -51,6 +52,7 @@ def cli() -> None:
 
     \b
       crc-infer FOLDER --bundle BUNDLE [options]   predictions for every pair in FOLDER
+      crc-infer slide SLIDE --radiology IMAGE --bundle BUNDLE -o OUT   tissue map of a whole slide
       crc-infer validate BUNDLE [--device ...]     parity of every artifact on reference.npz
       crc-infer bench --bundle BUNDLE [options]    engine-only latency per batch size
     """
@@ -216,6 +218,115 @@ def _write_report(path: Path, report: dict) -> None:
         write_report(path, report)
     except OSError as exc:
         raise UserError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+
+
+@cli.command("slide")
+@click.argument("slide_path", metavar="SLIDE", type=click.Path(path_type=Path))
+@click.option(
+    "--radiology",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The patient's radiology image, paired with every tile (patient-level pairing).",
+)
+@BUNDLE
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per call."
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Microns per pixel of level 0, for a slide whose metadata lacks it (overrides the slide's own).",
+)
+@click.option(
+    "--stride",
+    "stride_um",
+    type=click.FloatRange(min=8, max=112),
+    default=112.0,
+    show_default=True,
+    help="Microns between tile origins (tiles are 112 um; less overlaps them).",
+)
+@click.option(
+    "--min-tissue",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Tissue fraction (from the tissue mask) a tile needs to be classified.",
+)
+@click.option("--resume", is_flag=True, help="Continue a killed run from OUT/tiles.csv.partial.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Tile reader threads (default: one per core, at most 8).",
+)
+@DEVICE
+@ARTIFACT
+@BACKEND
+@CUDA_GRAPHS
+@THREADS
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@VERBOSE
+def slide_command(
+    slide_path: Path,
+    radiology: Path | None,
+    bundle_dir: Path,
+    out_dir: Path,
+    batch_size: int,
+    mpp: float | None,
+    stride_um: float,
+    min_tissue: float,
+    resume: bool,
+    workers: int | None,
+    device: str,
+    artifact_name: str | None,
+    backend_name: str,
+    cuda_graphs: bool,
+    threads: int | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Tissue map of a whole-slide image: every 112-um tile with tissue classified (crc-fusion[slides]).
+
+    Writes OUT/tiles.csv, tissue_map.png, overlay.png, tissue_mask.png, tiles.geojson and summary.json.
+    """
+    from .backends import open_backend
+    from .bundle import load_bundle
+    from .run_summary import echo_slide_summary
+    from .slide import SlideJob
+
+    setup_logging(verbose)
+    try:
+        bundle = load_bundle(bundle_dir)
+        job = SlideJob(slide_path, radiology, bundle, out_dir, mpp, stride_um, min_tissue)
+        try:
+            t0 = time.perf_counter()
+            selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
+            load_s = time.perf_counter() - t0
+            writer = job.start(selection, resume)
+            show = not quiet and sys.stderr.isatty()  # click's bar, on a terminal only
+            progress = click.progressbar(length=job.todo, label="tiles", file=sys.stderr) if show else None
+            try:
+                with progress or contextlib.nullcontext() as bar:
+                    tick = None if bar is None else (lambda preds: bar.update(len(preds)))
+                    job.run(selection, batch_size, workers, on_batch=tick)
+            except KeyboardInterrupt:
+                click.echo(
+                    f"\ninterrupted: {len(writer.ids)} tiles kept in {writer.partial}; "
+                    "run the same command with --resume to continue",
+                    err=True,
+                )
+                sys.exit(EXIT_INTERRUPTED)
+            finally:
+                selection.backend.close()
+            summary = job.write_outputs(selection, batch_size, load_s)
+        finally:
+            job.close()
+    except UserError as exc:
+        fail(exc)
+    if not quiet:
+        echo_slide_summary(job, selection, summary, resume=resume)
 
 
 @cli.command("bench")

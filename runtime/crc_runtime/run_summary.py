@@ -92,3 +92,48 @@ def echo_run_summary(run: FolderRun) -> None:
     click.echo(f"predictions: {run.output}")
     if run.report_path is not None:
         click.echo(f"report: {run.report_path}")
+
+
+def echo_slide_summary(job, selection, summary: dict, *, resume: bool) -> None:
+    """Print the summary of a finished ``crc-infer slide`` run (the numbers of its summary.json).
+
+    Args:
+        job: The finished :class:`~crc_runtime.slide.SlideJob`.
+        selection: The :class:`~crc_runtime.backends.Selection` that ran.
+        summary: What :meth:`~crc_runtime.slide.SlideJob.write_outputs` returned.
+    """
+    s, t, tissue, run = summary["slide"], summary["tiles"], summary["tissue"], summary["run"]
+    result = job.result
+    click.echo(
+        f"slide: {s['path']} ({s['vendor']}, {s['width']} x {s['height']} px, "
+        f"{s['mpp_x']:g} x {s['mpp_y']:g} um/px from {s['mpp_source']})"
+    )
+    click.echo(
+        f"tiles: {t['tile_um']:g} um every {t['stride_um']:g} um, read at level {t['read_level']} "
+        f"({t['read_px'][0]} x {t['read_px'][1]} px; resample: {t['resample']}); "
+        f"{tissue['tissue_tiles']} of {tissue['grid_tiles']} grid tiles hold >= "
+        f"{tissue['min_tissue_fraction']:.0%} tissue, {tissue['glass_tiles_skipped']} skipped as glass"
+    )
+    click.echo(
+        f"backend: {selection.backend.name} on {selection.artifact['file']} ({selection.reason}); "
+        f"radiology: {summary['radiology']['path']} paired with every tile"
+    )
+    resumed = f", {result.resumed} already in {job.writer.partial.name} (resumed)" if resume else ""
+    click.echo(f"tiles classified: {result.processed}{resumed}")
+    tp = run["throughput"]
+    click.echo(
+        f"throughput: {tp['end_to_end_pairs_per_s']:.1f} tiles/s end-to-end (read + resample + infer, "
+        f"{tp['end_to_end_seconds']:.3f} s), {tp['engine_only_pairs_per_s']:.1f} tiles/s engine-only; "
+        f"the model waited {tp['decode_wait_seconds']:.3f} s for tiles ({result.workers} reader threads)"
+    )
+    lat = summarize(result.batch_seconds)
+    if lat["count"]:
+        click.echo(f"model latency per batch: {format_latency(lat)} ({lat['count']} timed batches)")
+    width = max(len(name) for name in summary["classes"])
+    for name, c in summary["classes"].items():
+        tiles, area, share = c["tiles"], c["area_mm2"], c["area_fraction"]
+        click.echo(f"  {name:<{width}}  {tiles:>7} tiles  {area:>9.3f} mm2  {share:>6.1%}")
+    tsr = summary["tumour_stroma_ratio"]
+    value = "n/a (" + tsr.get("why_null", "") + ")" if tsr["value"] is None else f"{tsr['value']:.3f}"
+    click.echo(f"tissue: {summary['tissue_area_mm2']:.3f} mm2; tumour-stroma ratio (stroma share): {value}")
+    click.echo(f"outputs: {job.out}/ " + " ".join(summary["outputs"].values()))
