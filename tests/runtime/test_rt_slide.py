@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,10 +35,13 @@ from crc_runtime.slide import (  # noqa: E402  its tests do)
     read_level,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pairs"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "pairs"
+sys.path.insert(0, str(ROOT / "examples"))
+import make_slide  # noqa: E402 (examples/make_slide.py: the mosaic and its TIFF writer)
+
 CELL = 224
-COLS, ROWS = 8, 6
-GLASS = (242, 242, 239)
+COLS, ROWS = make_slide.COLS, make_slide.ROWS
 
 
 def _run(*args):
@@ -51,61 +53,15 @@ def _read_csv(path: Path) -> list[list[str]]:
         return list(csv.reader(fh))
 
 
-def glass(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Blank glass: near-white with a little sensor noise."""
-    noise = np.random.default_rng(seed).integers(-3, 4, size=(height, width, 3))
-    return np.clip(np.array(GLASS) + noise, 0, 255).astype(np.uint8)
-
-
-def write_slide(
-    path: Path, levels: list[np.ndarray], mpp: float | None, compression: str | None = None
-) -> Path:
-    """A tiled pyramidal TIFF (levels as successive pages), level 0's pixel size in its resolution tags."""
-    with tifffile.TiffWriter(path) as tw:
-        for i, level in enumerate(levels):
-            extra = {}
-            if mpp is not None:
-                per_cm = 1e4 / (mpp * levels[0].shape[1] / level.shape[1])
-                extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-            tw.write(
-                level,
-                tile=(128, 128),
-                photometric="rgb",
-                compression=compression,
-                subfiletype=0 if i == 0 else 1,
-                **extra,
-            )
-    return path
-
-
-def pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
-    """``image`` and its 2x, 4x, ... box-filtered reductions."""
-    out = [image]
-    for _ in range(levels - 1):
-        out.append(np.asarray(Image.fromarray(out[-1]).reduce(2)))
-    return out
-
-
 class Mosaic:
     """The 18 example tiles at 224 px, their grid cells, the mosaic image and the folder-run predictions."""
 
     def __init__(self, root: Path, tiny) -> None:
         self.root = root
-        self.folder = root / "tiles"
-        names = sorted(p.stem for p in (EXAMPLES / "pathology").glob("*.png"))
-        assert len(names) == 18
-        # Rows 1-3, columns 1-6: one block of tissue; glass around it, connected to the slide's edges.
-        self.cells = {name: (1 + i // 6, 1 + i % 6) for i, name in enumerate(names)}
-        self.image = glass(ROWS * CELL, COLS * CELL)
-        self.radiology = EXAMPLES / "radiology" / f"{names[0]}.png"
-        for sub in ("pathology", "radiology"):
-            (self.folder / sub).mkdir(parents=True)
-        for name, (r, c) in self.cells.items():
-            with Image.open(EXAMPLES / "pathology" / f"{name}.png") as src:
-                tile = src.convert("RGB").resize((CELL, CELL), Image.Resampling.BICUBIC)
-            tile.save(self.folder / "pathology" / f"{name}.png")
-            shutil.copy(self.radiology, self.folder / "radiology" / f"{name}.png")
-            self.image[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = np.asarray(tile)
+        self.image, self.cells, tiles = make_slide.demo_mosaic(CELL)
+        assert len(self.cells) == 18 and {r for r, _ in self.cells.values()} == {1, 2, 3}
+        self.radiology = make_slide.RADIOLOGY
+        self.folder = make_slide.save_tiles(root / "tiles", tiles)
         out = root / "folder-predictions.csv"
         result = _run(self.folder, "--bundle", tiny.bundle, "--device", "cpu", "--output", out)
         assert result.exit_code == 0, result.output
@@ -123,13 +79,13 @@ def mosaic(tiny, tmp_path_factory) -> Mosaic:
 def slides(mosaic) -> dict[str, Path]:
     """The mosaic as slides: at 0.5 um/px (levels 1, 2, 4x), at 0.25 um/px (level 1 is the mosaic itself),
     without a pixel size, zlib-compressed, and the same with one tissue tile's data destroyed."""
-    root = mosaic.root
+    root, write, levels = mosaic.root, make_slide.write_slide, make_slide.pyramid(mosaic.image)
     big = np.repeat(np.repeat(mosaic.image, 2, axis=0), 2, axis=1)  # 0.25 um/px: every pixel doubled
     out = {
-        "0.5": write_slide(root / "mosaic-0.5.tif", pyramid(mosaic.image, 3), 0.5),
-        "0.25": write_slide(root / "mosaic-0.25.tif", [big, *pyramid(mosaic.image, 3)], 0.25),
-        "no-mpp": write_slide(root / "mosaic-nompp.tif", pyramid(mosaic.image, 3), None),
-        "zlib": write_slide(root / "mosaic-zlib.tif", pyramid(mosaic.image, 3), 0.5, compression="zlib"),
+        "0.5": write(root / "mosaic-0.5.tif", levels, 0.5),
+        "0.25": write(root / "mosaic-0.25.tif", [big, *levels], 0.25),
+        "no-mpp": write(root / "mosaic-nompp.tif", levels, None),
+        "zlib": write(root / "mosaic-zlib.tif", levels, 0.5, compression="zlib"),
     }
     with tifffile.TiffFile(out["zlib"]) as tif:
         page = tif.pages[0]
