@@ -304,16 +304,19 @@ def slide_command(
             t0 = time.perf_counter()
             selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
             load_s = time.perf_counter() - t0
-            writer = job.start(selection, resume)
-            show = not quiet and sys.stderr.isatty()  # click's bar, on a terminal only
-            progress = click.progressbar(length=job.todo, label="tiles", file=sys.stderr) if show else None
             try:
-                with progress or contextlib.nullcontext() as bar:
+                writer = job.start(selection, resume)
+                show = not quiet and sys.stderr.isatty()  # click's bar, on a terminal only
+                progress = (
+                    click.progressbar(length=job.todo, label="tiles", file=sys.stderr) if show else None
+                )
+                with progress if progress is not None else contextlib.nullcontext() as bar:
                     tick = None if bar is None else (lambda preds: bar.update(len(preds)))
                     job.run(selection, batch_size, workers, on_batch=tick)
             except KeyboardInterrupt:
                 click.echo(
-                    f"\ninterrupted: {len(writer.ids)} tiles kept in {writer.partial}; "
+                    ("\n" if progress is not None else "")  # below the bar's line
+                    + f"interrupted: {len(writer.ids)} tiles kept in {writer.partial}; "
                     "run the same command with --resume to continue",
                     err=True,
                 )

@@ -400,8 +400,8 @@ def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
     row, start, end, region = label_runs(weak)
     if not len(row):
         return np.zeros_like(weak)
-    count = np.zeros((weak.shape[0], weak.shape[1] + 1), dtype=np.int64)
-    count[:, 1:] = np.cumsum(strong, axis=1)
+    count = np.zeros((weak.shape[0], weak.shape[1] + 1), dtype=np.int32)
+    count[:, 1:] = np.cumsum(strong, axis=1, dtype=np.int32)
     seeded = (count[row, end] - count[row, start]) > 0
     keep = np.bincount(region, weights=seeded, minlength=len(row))[region] > 0
     return _paint(weak.shape, row[keep], start[keep], end[keep])
@@ -551,8 +551,8 @@ def plan_tiles(
     ys = by + np.round(np.arange(rows) * sy0).astype(np.int64)
     # Tissue fraction of every tile from the integral image of the mask (tile edges rounded to mask pixels).
     h, w = tissue.mask.shape
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = tissue.mask.cumsum(0).cumsum(1)
+    integral = np.zeros((h + 1, w + 1), dtype=np.int32)  # the mask has at most MASK_MAX_SIDE^2 pixels
+    integral[1:, 1:] = tissue.mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
     c0 = np.clip(np.round((xs - bx) / tissue.px).astype(np.int64), 0, w - 1)
     c1 = np.clip(np.round((xs - bx + tw0) / tissue.px).astype(np.int64), c0 + 1, w)
     r0 = np.clip(np.round((ys - by) / tissue.px).astype(np.int64), 0, h - 1)

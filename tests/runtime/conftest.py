@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -348,23 +349,64 @@ def many_pairs(tiny: Tiny):
 
 
 @pytest.fixture
-def start_run(tiny: Tiny, crc_infer_command):
+def start_until(crc_infer_command):
+    """``start_until(args, partial, min_bytes)``: start a real ``crc-infer ARGS`` and return the process
+    once ``partial`` (its OUTPUT.partial) holds more than ``min_bytes``."""
+
+    def start(args: list, partial: Path, min_bytes: int = 2000, timeout: float = 60) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            crc_infer_command(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and partial.stat().st_size > min_bytes:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "crc-infer finished before it could be interrupted"
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def start_run(tiny: Tiny, start_until):
     """``start_run(folder, out)``: start a real crc-infer (batch size 1) and return (process, args) once
     some rows are on disk in OUTPUT.partial."""
 
     def start(folder: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
         args = [str(folder), "--bundle", str(tiny.bundle), "--batch-size", "1", "--device", "cpu"]
         args += ["--threads", "1", "--output", str(out)]
-        proc = subprocess.Popen(
-            crc_infer_command(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        partial = out.with_name(out.name + ".partial")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if partial.exists() and partial.stat().st_size > 2000:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "crc-infer finished before it could be interrupted"
-        return proc, args
+        return start_until(args, out.with_name(out.name + ".partial")), args
 
     return start
+
+
+def _sigkill(proc: subprocess.Popen) -> None:
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def _ctrl_c(proc: subprocess.Popen) -> str:
+    try:
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture
+def sigkill():
+    """``sigkill(proc)``: kill a started crc-infer as a crash or the OOM killer would (nothing runs after)."""
+    return _sigkill
+
+
+@pytest.fixture
+def ctrl_c():
+    """``ctrl_c(proc)``: Ctrl-C a started crc-infer, wait for it, return its stderr."""
+    return _ctrl_c

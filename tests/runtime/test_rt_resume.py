@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -94,18 +92,13 @@ def test_writer_refuses_a_symlinked_partial(tmp_path):
     assert target.read_text() == "precious\n"
 
 
-def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(tiny, tmp_path, many_pairs, start_run):
+def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(tiny, tmp_path, many_pairs, start_run, ctrl_c):
     folder = tmp_path / "in"
     folder.mkdir()
     many_pairs(folder, 1000)
     out = tmp_path / "p.csv"
     proc, args = start_run(folder, out)
-    try:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stderr = ctrl_c(proc)
     assert proc.returncode == 130, stderr
     assert stderr.startswith("interrupted: ") and stderr.count("\n") == 1 and "--resume" in stderr, stderr
     assert not out.exists() and len(_read(out.with_name("p.csv.partial"))) > 1
@@ -123,20 +116,14 @@ def test_existing_output_symlink_is_replaced_not_followed(tiny, csv_copy, tmp_pa
     assert precious.read_text() == "keep me\n" and not out.is_symlink() and len(_read(out)) == 7
 
 
-def test_killed_run_resumes_to_the_same_bytes(tiny, tmp_path, many_pairs, start_run):
+def test_killed_run_resumes_to_the_same_bytes(tiny, tmp_path, many_pairs, start_run, sigkill):
     folder = tmp_path / "in"
     folder.mkdir()
     many_pairs(folder, 1000)
     killed_out = tmp_path / "killed.csv"
     partial = tmp_path / "killed.csv.partial"
     proc, args = start_run(folder, killed_out)  # some rows, surely not all 1000
-    try:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    sigkill(proc)
     assert not killed_out.exists(), "a killed run must not leave a file under the final name"
     done_before = len(_read(partial)) - 1
     assert 0 < done_before < 1000

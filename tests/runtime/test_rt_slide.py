@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -261,35 +257,27 @@ def test_without_the_extra_it_names_the_extra(tiny, mosaic, slides, tmp_path, mo
     assert "pip install 'crc-fusion[slides]'" in result.output
 
 
-def test_killed_run_resumes_to_the_same_tiles_csv(tiny, mosaic, slides, tmp_path):
-    # Overlapping tiles (every 16 um) make ~1000 tiles of the small mosaic; batch 1 so the kill lands mid-run.
-    code = (
-        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
-    )
+def _many_tiles_args(tiny, mosaic, slides) -> list[str]:
+    """Tiles every 16 um: ~1000 of them on the small mosaic; batch 1, so that a stop lands mid-run."""
     args = ["slide", str(slides["0.5"]), "--radiology", str(mosaic.radiology), "--bundle", str(tiny.bundle)]
     args += ["--device", "cpu", "--threads", "1", "--batch-size", "1", "--stride", "16"]
-    args += ["--min-tissue", "0.25"]
+    return [*args, "--min-tissue", "0.25"]
+
+
+def test_ctrl_c_keeps_the_tiles_and_says_how_to_resume(tiny, mosaic, slides, tmp_path, start_until, ctrl_c):
+    args = [*_many_tiles_args(tiny, mosaic, slides), "-o", str(tmp_path / "out")]
+    stderr = ctrl_c(proc := start_until(args, tmp_path / "out" / "tiles.csv.partial", 3000, timeout=120))
+    assert proc.returncode == 130, stderr
+    assert stderr.startswith("interrupted: ") and stderr.count("\n") == 1 and "--resume" in stderr, stderr
+    resumed = _run(*args, "--resume")
+    assert resumed.exit_code == 0 and "(resumed)" in resumed.output, resumed.output
+
+
+def test_killed_run_resumes_to_the_same_tiles_csv(tiny, mosaic, slides, tmp_path, start_until, sigkill):
+    args = _many_tiles_args(tiny, mosaic, slides)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args, "-o", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     partial = killed / "tiles.csv.partial"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if partial.exists() and partial.stat().st_size > 3000:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "crc-infer slide finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    sigkill(start_until([*args, "-o", str(killed)], partial, 3000, timeout=120))
     assert not (killed / "tiles.csv").exists() and not (killed / "summary.json").exists()
     done = len(_read_csv(partial)) - 1
 
