@@ -191,7 +191,9 @@ def to_mode(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Image
         img = Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8), "L")
     if (img.mode == "P" and "transparency" in img.info) or img.mode == "PA":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+    if img.mode == "RGBA" and img.getchannel("A").getextrema() == (255, 255):
+        img = img.convert("RGB")  # opaque (every slide tile inside the scan): the same bytes, ~4x faster
+    elif img.mode in ("RGBA", "LA", "RGBa", "La"):
         background = Image.new("RGBA", img.size, BACKGROUND[color_mode])
         img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
     elif img.mode in _VIA_RGB:

@@ -373,3 +373,14 @@ def test_thumbnail_in_bands_equals_one_read(slides, monkeypatch):
         slide.close()
     assert level == 3 and whole.shape == (h, w, 3)  # downsamples 1, 2, 4, 8: the coarsest <= 28
     assert np.abs(whole.astype(int) - banded.astype(int)).max() <= 1
+
+
+def test_opaque_rgba_takes_the_fast_path_to_the_same_bytes():
+    from crc_runtime.images import BACKGROUND, to_mode
+
+    rgba = np.random.default_rng(0).integers(0, 256, size=(40, 30, 4), dtype=np.uint8)
+    rgba[:, :, 3] = 255
+    img = Image.fromarray(rgba, "RGBA")
+    for mode in ("RGB", "L"):
+        composited = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND[mode]), img).convert("RGB")
+        assert np.array_equal(np.asarray(to_mode(img, mode, "x")), np.asarray(composited.convert(mode)))
