@@ -57,9 +57,10 @@ def pyramid(image: np.ndarray, downsamples: tuple[int, ...] = (1, 2, 4)) -> list
 
 
 def write_slide(
-    path: Path, levels: list[np.ndarray], mpp: float | None, compression: str | None = None
+    path: Path, levels: list[np.ndarray], mpp: float | None, compression: str | None = None, tile: int = 256
 ) -> Path:
-    """A tiled pyramidal TIFF (levels as successive pages); level 0 is ``mpp`` um/px (None: no resolution)."""
+    """A tiled pyramidal TIFF (levels as successive pages, ``tile``-px TIFF tiles); level 0 is ``mpp`` um/px
+    (None: no resolution tags)."""
     import tifffile
 
     with tifffile.TiffWriter(path, bigtiff=levels[0].nbytes > 2**31) as tw:
@@ -69,7 +70,7 @@ def write_slide(
                 per_cm = 1e4 / (mpp * levels[0].shape[1] / level.shape[1])
                 extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
             tw.write(
-                level, tile=(128, 128), photometric="rgb", compression=compression,
+                level, tile=(tile, tile), photometric="rgb", compression=compression,
                 subfiletype=0 if i == 0 else 1, **extra,
             )  # fmt: skip
     return path

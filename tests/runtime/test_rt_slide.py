@@ -86,7 +86,8 @@ def slides(mosaic) -> dict[str, Path]:
     with tifffile.TiffFile(out["zlib"]) as tif:
         page = tif.pages[0]
         # The level-0 TIFF tile under mosaic cell (2, 3): tissue, so the run reads it.
-        index = (2 * CELL // 128) * (-(-COLS * CELL // 128)) + (3 * CELL // 128)
+        side = page.tilewidth
+        index = (2 * CELL // side) * (-(-COLS * CELL // side)) + (3 * CELL // side)
         offset, count = page.dataoffsets[index], page.databytecounts[index]
     damaged = bytearray(out["zlib"].read_bytes())
     damaged[offset : offset + count] = b"\0" * count
