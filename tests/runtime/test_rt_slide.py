@@ -243,6 +243,16 @@ def test_bad_slides_are_one_line_errors(tiny, mosaic, slides, tmp_path):
         assert why in result.output and str(path) in result.output, result.output
 
 
+def test_blank_glass_has_no_tissue(tiny, mosaic, tmp_path):
+    levels = make_slide.pyramid(make_slide.glass(896, 1344))
+    blank = make_slide.write_slide(tmp_path / "blank.tif", levels, 0.5)
+    result = _slide_run(tiny, mosaic, blank, tmp_path / "out")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "no tile holds 50% tissue (24 tiles on the grid" in result.output
+    with Image.open(tmp_path / "out" / "tissue_mask.png") as mask:  # saved for a look all the same
+        assert not np.asarray(mask).any()
+
+
 def test_radiology_is_required_and_checked(tiny, mosaic, slides, tmp_path):
     args = ["slide", slides["0.5"], "--bundle", tiny.bundle, "-o", tmp_path / "out", "--device", "cpu"]
     result = _run(*args)
