@@ -88,10 +88,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from crc_runtime.backends import open_backend
     from crc_runtime.bench import bench_batch
     from crc_runtime.bundle import load_bundle
     from crc_runtime.predict import default_workers
+    from crc_runtime.predictor import Predictor
     from crc_runtime.slide import SlideJob
     from crc_runtime.timing import environment, throughput
 
@@ -108,18 +108,19 @@ def main() -> None:
     slide_path = make_slide(args.work / name, args.side_px, args.mpp, downsamples, args.compression)
     workers = default_workers() if args.workers is None else args.workers
     job = SlideJob(slide_path, make_slide_lib.RADIOLOGY, bundle, args.work / "out", min_tissue=0.0)
-    selection = open_backend(bundle, args.backend, intra_op_threads=args.threads)
-    backend, batch = selection.backend, args.batch_size
+    batch = args.batch_size
+    predictor = Predictor(bundle, args.backend, batch, threads=args.threads)
+    backend = predictor.backend
     tiles = len(job.grid.tiles)
     calls = max(3, math.ceil(tiles / batch / 2))
     try:
         bench_batch(backend, batch, warmup_iters=2, iterations=1)  # a warmed engine, as in the slide run
         before = bench_batch(backend, batch, warmup_iters=0, iterations=calls)
-        job.start(selection)
-        result = job.run(selection, batch, workers)
+        job.start(predictor)
+        result = job.run(predictor, workers)
         after = bench_batch(backend, batch, warmup_iters=0, iterations=calls)
     finally:
-        backend.close()
+        predictor.close()
     reading = reader_only(job, workers, min(tiles, 8 * batch))
     job.close()
     engine = (before["throughput_pairs_per_s"] + after["throughput_pairs_per_s"]) / 2
@@ -127,7 +128,7 @@ def main() -> None:
     g = job.grid
     numbers = {
         "backend": backend.name,
-        "artifact": selection.artifact["file"],
+        "artifact": predictor.artifact["file"],
         "model_input": bundle.image_size,
         "batch_size": batch,
         "slide": {
@@ -149,7 +150,7 @@ def main() -> None:
         "environment": environment(backend),
     }
     print(
-        f"{backend.name} on {selection.artifact['file']} ({bundle.image_size} px input), batch {batch}, "
+        f"{backend.name} on {predictor.artifact['file']} ({bundle.image_size} px input), batch {batch}, "
         f"{result.processed} tiles read at level {g.level} as {g.read_w} x {g.read_h} px, "
         f"{workers} reader threads"
     )

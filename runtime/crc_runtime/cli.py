@@ -262,9 +262,11 @@ def _write_report(path: Path, report: dict) -> None:
     help="Tile reader threads (default: one per core, at most 8).",
 )
 @DEVICE
+@GPU
 @ARTIFACT
 @BACKEND
 @CUDA_GRAPHS
+@TF32
 @THREADS
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @VERBOSE
@@ -280,9 +282,11 @@ def slide_command(
     resume: bool,
     workers: int | None,
     device: str,
+    gpu: int,
     artifact_name: str | None,
     backend_name: str,
     cuda_graphs: bool,
+    tf32: bool,
     threads: int | None,
     quiet: bool,
     verbose: bool,
@@ -291,8 +295,8 @@ def slide_command(
 
     Writes OUT/tiles.csv, tissue_map.png, overlay.png, tissue_mask.png, tiles.geojson and summary.json.
     """
-    from .backends import open_backend
     from .bundle import load_bundle
+    from .predictor import Predictor
     from .run_summary import echo_slide_summary
     from .slide import SlideJob
 
@@ -301,35 +305,33 @@ def slide_command(
         bundle = load_bundle(bundle_dir)
         job = SlideJob(slide_path, radiology, bundle, out_dir, mpp, stride_um, min_tissue)
         try:
-            t0 = time.perf_counter()
-            selection = open_backend(bundle, backend_name, artifact_name, device, threads, cuda_graphs)
-            load_s = time.perf_counter() - t0
-            try:
-                writer = job.start(selection, resume)
+            with Predictor(
+                bundle, backend_name, batch_size, artifact=artifact_name, device=device, gpu=gpu,
+                threads=threads, cuda_graphs=cuda_graphs, tf32=tf32,
+            ) as predictor:  # fmt: skip
+                writer = job.start(predictor, resume)
                 show = not quiet and sys.stderr.isatty()  # click's bar, on a terminal only
-                progress = (
-                    click.progressbar(length=job.todo, label="tiles", file=sys.stderr) if show else None
-                )
-                with progress if progress is not None else contextlib.nullcontext() as bar:
-                    tick = None if bar is None else (lambda preds: bar.update(len(preds)))
-                    job.run(selection, batch_size, workers, on_batch=tick)
-            except KeyboardInterrupt:
-                click.echo(
-                    ("\n" if progress is not None else "")  # below the bar's line
-                    + f"interrupted: {len(writer.ids)} tiles kept in {writer.partial}; "
-                    "run the same command with --resume to continue",
-                    err=True,
-                )
-                sys.exit(EXIT_INTERRUPTED)
-            finally:
-                selection.backend.close()
-            summary = job.write_outputs(selection, batch_size, load_s)
+                bar_args = {"length": job.todo, "label": "tiles", "file": sys.stderr}
+                progress = click.progressbar(**bar_args) if show else None
+                try:
+                    with progress if progress is not None else contextlib.nullcontext() as bar:
+                        tick = None if bar is None else (lambda preds: bar.update(len(preds)))
+                        job.run(predictor, workers, on_batch=tick)
+                except KeyboardInterrupt:
+                    click.echo(
+                        ("\n" if progress is not None else "")  # below the bar's line
+                        + f"interrupted: {len(writer.ids)} tiles kept in {writer.partial}; "
+                        "run the same command with --resume to continue",
+                        err=True,
+                    )
+                    sys.exit(EXIT_INTERRUPTED)
+            summary = job.write_outputs(predictor)
         finally:
             job.close()
     except UserError as exc:
         fail(exc)
     if not quiet:
-        echo_slide_summary(job, selection, summary, resume=resume)
+        echo_slide_summary(job, predictor, summary, resume=resume)
 
 
 @cli.command("bench")

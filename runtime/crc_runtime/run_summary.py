@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .predict import InferenceResult
     from .predictions import PredictionWriter
     from .predictor import Predictor
+    from .slide import SlideJob
 
 
 @dataclass
@@ -94,12 +95,12 @@ def echo_run_summary(run: FolderRun) -> None:
         click.echo(f"report: {run.report_path}")
 
 
-def echo_slide_summary(job, selection, summary: dict, *, resume: bool) -> None:
+def echo_slide_summary(job: SlideJob, predictor: Predictor, summary: dict, *, resume: bool) -> None:
     """Print the summary of a finished ``crc-infer slide`` run (the numbers of its summary.json).
 
     Args:
         job: The finished :class:`~crc_runtime.slide.SlideJob`.
-        selection: The :class:`~crc_runtime.backends.Selection` that ran.
+        predictor: The predictor that ran (backend, artifact, why).
         summary: What :meth:`~crc_runtime.slide.SlideJob.write_outputs` returned.
     """
     s, t, tissue, run = summary["slide"], summary["tiles"], summary["tissue"], summary["run"]
@@ -115,7 +116,7 @@ def echo_slide_summary(job, selection, summary: dict, *, resume: bool) -> None:
         f"{tissue['min_tissue_fraction']:.0%} tissue, {tissue['glass_tiles_skipped']} skipped as glass"
     )
     click.echo(
-        f"backend: {selection.backend.name} on {selection.artifact['file']} ({selection.reason}); "
+        f"backend: {predictor.backend.name} on {predictor.artifact['file']} ({predictor.reason}); "
         f"radiology: {summary['radiology']['path']} paired with every tile"
     )
     resumed = f", {result.resumed} already in {job.writer.partial.name} (resumed)" if resume else ""

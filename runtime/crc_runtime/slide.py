@@ -16,9 +16,10 @@ function or class here, composed by :class:`SlideJob`:
 3. :func:`plan_tiles`: the tile grid in level-0 pixels (``--stride`` microns apart, default 112 um:
    adjacent tiles), each tile's tissue fraction from the mask, kept when it is >= ``--min-tissue``; the
    pyramid level to read: the coarsest whose resolution is still 0.5 um/px or finer.
-4. :class:`TileReader`, run by :func:`crc_runtime.predict.run_inference` in its reader threads ahead of the
-   model: read the tile's region at that level, composite transparent parts over white, resample to
-   224 x 224 px with Pillow BILINEAR, then apply the bundle's own resize rule. BILINEAR because it is the
+4. :class:`TileReader`, run by :meth:`crc_runtime.predictor.Predictor.predict_folder` (the streaming
+   pipeline of folder runs) in its reader threads ahead of the model: read the tile's region at that level,
+   composite transparent parts over white, resample to 224 x 224 px with Pillow BILINEAR, then apply the
+   bundle's own resize rule. BILINEAR because it is the
    rule the dataset itself was made with (MedMNIST shrank NCT's 224-px tiles with Pillow BILINEAR) and
    Pillow widens its triangle kernel with the reduction factor, so downscaling averages every source pixel
    (no aliasing) without the overshoot that BICUBIC / LANCZOS add at sharp nuclear edges. A level that is
@@ -48,13 +49,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .atomic import atomic_path
-from .backends import Selection
 from .bundle import MANIFEST_NAME, Bundle, sha256_file
 from .errors import UserError
-from .images import check_regular_file, conform, file_signature, load_image, to_mode
+from .images import check_regular_file, conform_image, file_signature, load_image, to_mode
 from .pairs import PairSet
-from .predict import InferenceResult, Prediction, column_names, input_plan, run_inference
+from .predict import InferenceResult, Prediction, column_names, input_plan
 from .predictions import PredictionWriter
+from .predictor import Predictor
 from .timing import folder_run_report, write_report
 
 log = logging.getLogger(__name__)
@@ -617,7 +618,7 @@ class TileReader:
         img = self.tile_image(tile)
         source = f"{self.slide.path} tile {tile.id}"
         return {
-            name: self.radiology if name == "radiology" else conform(img, mode, self.size, source)
+            name: self.radiology if name == "radiology" else conform_image(img, mode, self.size, source)
             for name, mode in self.plan
         }
 
@@ -702,24 +703,24 @@ class SlideJob:
         self.writer: PredictionWriter | None = None
         self.result: InferenceResult | None = None
 
-    def run_key(self, selection: Selection) -> dict:
+    def run_key(self, predictor: Predictor) -> dict:
         """What must be equal for a resumed run's rows to be kept: model, slide, radiology image, grid."""
         g, s = self.grid, self.slide
         return {
             "manifest_sha256": sha256_file(self.bundle.path / MANIFEST_NAME),
-            "artifact": selection.artifact["file"],
+            "artifact": predictor.artifact["file"],
             "slide": {"quickhash": s.quickhash, "size": [s.width, s.height], "mpp": [s.mpp_x, s.mpp_y]},
             "radiology_sha256": sha256_file(self.radiology_path) if self.radiology_path else None,
             "grid": {"stride_um": g.stride_um, "min_tissue": g.min_tissue, "level": g.level, "cols": g.cols},
         }
 
-    def start(self, selection: Selection, resume: bool = False) -> PredictionWriter:
+    def start(self, predictor: Predictor, resume: bool = False) -> PredictionWriter:
         """Open ``tiles.csv.partial`` for this model and grid (with ``resume``, keep the rows it holds)."""
         self.writer = PredictionWriter(
             self.out / OUTPUTS["tiles"],
             tile_columns(self.bundle.classes),
             resume,
-            self.run_key(selection),
+            self.run_key(predictor),
             key_columns=2,
         )
         return self.writer
@@ -731,17 +732,18 @@ class SlideJob:
 
     def run(
         self,
-        selection: Selection,
-        batch_size: int = 64,
+        predictor: Predictor,
         workers: int | None = None,
         on_batch: Callable[[list[Prediction]], None] | None = None,
     ) -> InferenceResult:
         """Classify every tile not yet in the partial file (:meth:`start` first); tiles.csv at the end.
 
-        Rows stream to ``tiles.csv.partial`` batch by batch; a killed run keeps them for ``--resume``.
+        The tiles go through :meth:`Predictor.predict_folder`, batch by batch (``predictor.batch_size``),
+        read by :class:`TileReader` in ``workers`` threads; rows stream to ``tiles.csv.partial``, which a
+        killed run keeps for ``--resume``.
         """
         if self.writer is None:
-            self.start(selection)
+            self.start(predictor)
         classes = self.bundle.classes
         width, height = self.grid.size0
         by_id = {t.id: t for t in self.grid.tiles}
@@ -759,11 +761,8 @@ class SlideJob:
                 on_batch(preds)
 
         t0 = time.perf_counter()
-        self.result = run_inference(
+        self.result = predictor.predict_folder(
             PairSet(pairs=self.grid.tiles, source=str(self.slide.path)),
-            self.bundle,
-            selection.backend,
-            batch_size,
             skip_ids=self.writer.done_ids,
             on_batch=write,
             workers=workers,
@@ -777,7 +776,7 @@ class SlideJob:
             raise UserError(f"{self.writer.path}: cannot write ({exc.strerror or exc})") from None
         return self.result
 
-    def write_outputs(self, selection: Selection, batch_size: int, load_s: float) -> dict:
+    def write_outputs(self, predictor: Predictor) -> dict:
         """tissue_map.png, overlay.png, tiles.geojson and summary.json from the finished tiles.csv.
 
         Returns:
@@ -785,12 +784,12 @@ class SlideJob:
         """
         t0 = time.perf_counter()
         try:
-            summary = self._write_outputs(selection, batch_size, load_s, t0)
+            summary = self._write_outputs(predictor, t0)
         except OSError as exc:
             raise UserError(f"{self.out}: cannot write the outputs ({exc.strerror or exc})") from None
         return summary
 
-    def _write_outputs(self, selection: Selection, batch_size: int, load_s: float, t0: float) -> dict:
+    def _write_outputs(self, predictor: Predictor, t0: float) -> dict:
         classes = self.bundle.classes
         g, slide = self.grid, self.slide
         grid = np.full((g.rows, g.cols), -1, dtype=np.int32)
@@ -824,7 +823,7 @@ class SlideJob:
         with atomic_path(self.out / OUTPUTS["overlay"]) as tmp:
             render_overlay(slide, g, grid).save(tmp, format="PNG")
         self.seconds["outputs"] = time.perf_counter() - t0
-        run = folder_run_report(self.result, selection.backend, selection, batch_size, load_s)
+        run = folder_run_report(self.result, predictor)
         run["kind"] = "crc-infer slide"
         summary = {
             "kind": "crc-infer slide",
