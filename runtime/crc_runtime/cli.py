@@ -11,6 +11,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ from .cli_options import (
 from .errors import UserError
 
 if TYPE_CHECKING:
+    from .predictions import PredictionWriter
     from .run_summary import FolderRun
 
 log = logging.getLogger(__name__)
@@ -167,30 +169,15 @@ def _run_folder(opts: RunOptions) -> FolderRun:
         }
         writer = PredictionWriter(output, prediction_columns(bundle.classes), opts.resume, run_key)
         todo = sum(pair.id not in writer.done_ids for pair in pairset.pairs)
-        try:
-            with progress(todo, opts.quiet, "predicting") as advance:
-                result = predictor.predict_folder(
-                    pairset,
-                    skip_ids=writer.done_ids,
-                    on_batch=lambda preds: writer.write_rows(
-                        prediction_row(p, bundle.classes) for p in preds
-                    ),
-                    workers=opts.workers,
-                    keep_predictions=False,  # rows stream to the writer: memory stays flat
-                    on_progress=advance,
-                )
-        except KeyboardInterrupt:  # Ctrl-C: what is on disk stays there, one line says how to go on
-            click.echo(
-                f"interrupted: {len(writer.ids)} rows kept in {writer.partial}; "
-                "run the same command with --resume to continue",
-                err=True,
+        with _keeping_rows(writer), progress(todo, opts.quiet, "predicting") as advance:
+            result = predictor.predict_folder(
+                pairset,
+                skip_ids=writer.done_ids,
+                on_batch=lambda preds: writer.write_rows(prediction_row(p, bundle.classes) for p in preds),
+                workers=opts.workers,
+                keep_predictions=False,  # rows stream to the writer: memory stays flat
+                on_progress=advance,
             )
-            sys.exit(EXIT_INTERRUPTED)
-        except Exception as exc:  # an empty partial goes; rows already written stay for --resume
-            kept = writer.abandon()
-            if kept and isinstance(exc, UserError):
-                raise UserError(f"{exc}; {kept}") from None
-            raise
     if not result.processed and not result.resumed:
         writer.discard()
         first = result.skipped[0] if result.skipped else None
@@ -209,6 +196,26 @@ def _run_folder(opts: RunOptions) -> FolderRun:
     if opts.report is not None:
         _write_report(opts.report, report)
     return FolderRun(result, predictor, pairset, writer, report, output, opts.report, opts.resume)
+
+
+@contextlib.contextmanager
+def _keeping_rows(writer: PredictionWriter) -> Iterator[None]:
+    """Around a streaming run: on Ctrl-C one line says how to go on (exit 130); on an error an empty
+    partial goes, rows already written stay for ``--resume`` and the error line says so."""
+    try:
+        yield
+    except KeyboardInterrupt:  # what is on disk stays there
+        click.echo(
+            f"interrupted: {len(writer.ids)} rows kept in {writer.partial}; "
+            "run the same command with --resume to continue",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        kept = writer.abandon()
+        if kept and isinstance(exc, UserError):
+            raise UserError(f"{exc}; {kept}") from None
+        raise
 
 
 def _write_report(path: Path, report: dict) -> None:
@@ -268,7 +275,7 @@ def _write_report(path: Path, report: dict) -> None:
 @CUDA_GRAPHS
 @TF32
 @THREADS
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@QUIET
 @VERBOSE
 def slide_command(
     slide_path: Path,
@@ -310,28 +317,14 @@ def slide_command(
                 threads=threads, cuda_graphs=cuda_graphs, tf32=tf32,
             ) as predictor:  # fmt: skip
                 writer = job.start(predictor, resume)
-                show = not quiet and sys.stderr.isatty()  # click's bar, on a terminal only
-                bar_args = {"length": job.todo, "label": "tiles", "file": sys.stderr}
-                progress = click.progressbar(**bar_args) if show else None
-                try:
-                    with progress if progress is not None else contextlib.nullcontext() as bar:
-                        tick = None if bar is None else (lambda preds: bar.update(len(preds)))
-                        job.run(predictor, workers, on_batch=tick)
-                except KeyboardInterrupt:
-                    click.echo(
-                        ("\n" if progress is not None else "")  # below the bar's line
-                        + f"interrupted: {len(writer.ids)} tiles kept in {writer.partial}; "
-                        "run the same command with --resume to continue",
-                        err=True,
-                    )
-                    sys.exit(EXIT_INTERRUPTED)
+                with _keeping_rows(writer), progress(job.todo, quiet, "tiles") as advance:
+                    job.run(predictor, workers, on_progress=advance)
             summary = job.write_outputs(predictor)
         finally:
             job.close()
     except UserError as exc:
         fail(exc)
-    if not quiet:
-        echo_slide_summary(job, predictor, summary, resume=resume)
+    echo_slide_summary(job, predictor, summary, resume=resume)
 
 
 @cli.command("bench")

@@ -735,6 +735,7 @@ class SlideJob:
         predictor: Predictor,
         workers: int | None = None,
         on_batch: Callable[[list[Prediction]], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> InferenceResult:
         """Classify every tile not yet in the partial file (:meth:`start` first); tiles.csv at the end.
 
@@ -768,6 +769,7 @@ class SlideJob:
             workers=workers,
             keep_predictions=False,  # rows stream to the writer: memory stays flat
             decode=self.reader,
+            on_progress=on_progress,
         )
         self.seconds["tiles"] = time.perf_counter() - t0
         try:
