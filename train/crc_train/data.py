@@ -1,4 +1,8 @@
-"""The data: PathMNIST + OrganAMNIST read through the medmnist package, paired, and the synthetic stand-in.
+"""The data: PathMNIST + OrganAMNIST npz files, checked on load and paired, and the synthetic stand-in.
+
+The npz files are MedMNIST's (names, keys, layout; ``--download`` fetches them from medmnist's URLs with
+its checksums) and are read with ``allow_pickle=False``; ``read_npz_split`` checks every array (dtype,
+shape, channels, size, label range and count) and refuses anything else in one line.
 
 The pairing is synthetic (the two datasets come from different patients): within each split, pathology
 sample i gets radiology sample perm[i mod M], perm a seeded permutation of the M radiology samples of
@@ -9,12 +13,13 @@ npz format, so the whole pipeline (training, export, runtime) runs without the r
 images are learnable but not trivially so: pathology classes differ by hue *and* stripe frequency /
 orientation, with hue jitter wide enough that neighbouring classes overlap in colour, random stripe phase
 and pixel noise. Radiology images are gray blobs whose position and size depend on one of 11 organ
-classes. They are read back through the medmnist package like the real data.
+classes. They are read back like the real data.
 """
 
 from __future__ import annotations
 
 import logging
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ __all__ = [
     "class_names",
     "load_split",
     "pairing_permutation",
+    "read_npz_split",
     "resolve_root",
 ]
 
@@ -100,7 +106,7 @@ def _synthetic_matches(root: Path, cfg: DataConfig) -> bool:
             with np.load(path) as npz:
                 if any(npz[f"{k}_labels"].shape[0] != n for k, n in want.items()):
                     return False
-        except (OSError, ValueError, KeyError):
+        except (*_READ_ERRORS, KeyError):
             return False
     return True
 
@@ -114,23 +120,132 @@ def _missing_message(root: Path, size: int) -> str:
 
 
 def _read(flag: str, cfg: DataConfig, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) arrays of one medmnist dataset, never touching its __len__ (it asserts counts)."""
-    import medmnist
+    """(images, labels) of one MedMNIST file's split, downloaded first with ``cfg.download``."""
+    path = root / f"{flag}{size_flag(cfg.size)}.npz"
+    if cfg.download:
+        _download(flag, cfg.size, root)
+    if not path.is_file():
+        raise DataError(_missing_message(root, cfg.size))
+    return read_npz_split(path, flag, split, cfg.size, mmap=cfg.mmap)
 
-    cls = {"pathmnist": medmnist.PathMNIST, "organamnist": medmnist.OrganAMNIST}[flag]
+
+def _download(flag: str, size: int, root: Path) -> None:
+    """Fetch ``{flag}{_size}.npz`` from MedMNIST's URL, md5-checked (kept when already there and intact).
+
+    The same call medmnist's own ``download`` makes, without loading the arrays afterwards.
+    """
+    import medmnist
+    from torchvision.datasets.utils import download_url
+
+    info, flag_size = medmnist.INFO[flag], size_flag(size)
+    name = f"{flag}{flag_size}.npz"
     try:
-        ds = cls(
-            split=split,
-            root=str(root),
-            size=cfg.size,
-            download=cfg.download,
-            mmap_mode="r" if cfg.mmap else None,
-        )
-    except RuntimeError as exc:
-        if cfg.download:
-            raise DataError(f"downloading {flag}{size_flag(cfg.size)}.npz into {root} failed") from exc
-        raise DataError(_missing_message(root, cfg.size)) from exc
-    return ds.imgs, ds.labels
+        download_url(url=info[f"url{flag_size}"], root=str(root), filename=name, md5=info[f"MD5{flag_size}"])
+    except Exception as exc:  # noqa: BLE001 - network, disk or checksum: one line, like medmnist's own
+        raise DataError(f"downloading {name} into {root} failed ({_first_line(exc)})") from exc
+
+
+#: What each MedMNIST file must hold: modality, number of classes, channels (None = gray N x S x S).
+NPZ_FILES = {"pathmnist": ("pathology", 9, 3), "organamnist": ("radiology", 11, None)}
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_npz_split(
+    path: str | Path, flag: str, split: str, size: int, mmap: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split of a MedMNIST npz file, every array checked against MedMNIST's layout before use.
+
+    Each array's header (dtype, shape) is read first, so an object array is refused without unpickling
+    anything (``allow_pickle=False`` throughout) and a float copy of a 224-px file is refused before it is
+    read. Then: images uint8 ``N x S x S x 3`` (pathology) or ``N x S x S`` / ``N x S x S x 1``
+    (radiology) at ``size``; labels of an integer type, ``N`` or ``N x 1``, as many as images, each in
+    ``0 .. classes - 1``.
+
+    Args:
+        path: the npz file.
+        flag: "pathmnist" or "organamnist" (what the file must hold: ``NPZ_FILES``).
+        split: "train", "val" or "test".
+        size: the run's image side in pixels.
+        mmap: passed to ``np.load`` (numpy reads npz members into memory either way).
+
+    Returns:
+        (images, labels) as stored.
+
+    Raises:
+        DataError: one line naming the file and the key that is wrong.
+    """
+    path = Path(path)
+    modality, n_classes, channels = NPZ_FILES[flag]
+    not_npz = f"{path}: not an npz archive (MedMNIST's zip of {split}_images, {split}_labels, ...)"
+    try:
+        with path.open("rb") as fh:
+            if fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # numpy would try it as .npy or pickle
+                raise DataError(not_npz)
+        npz = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: not a readable npz file ({_first_line(exc)})") from None
+    with npz:
+        img_key, label_key = f"{split}_images", f"{split}_labels"
+        img_shape, img_dtype = _npz_header(npz, path, img_key)
+        label_shape, label_dtype = _npz_header(npz, path, label_key)
+        if img_dtype != np.uint8:
+            raise DataError(
+                f"{path}: {img_key} is {img_dtype}, expected uint8 (pixels 0..255, as MedMNIST stores them)"
+            )
+        want = (size, size, channels) if channels else (size, size)
+        if not (img_shape[1:] == want or (channels is None and img_shape[1:] == (size, size, 1))):
+            layout = f"N x {size} x {size}" + (f" x {channels} (RGB)" if channels else " (gray)")
+            raise DataError(
+                f"{path}: {img_key} has shape {img_shape}, expected {layout} {modality} images "
+                f"for --size {size}"
+            )
+        if label_dtype.kind not in "iu":
+            raise DataError(f"{path}: {label_key} is {label_dtype}, expected integer class indices")
+        if label_shape not in ((img_shape[0],), (img_shape[0], 1)):
+            raise DataError(
+                f"{path}: {label_key} has shape {label_shape}, expected one label per image "
+                f"({img_shape[0]} x 1, as {img_key} holds {img_shape[0]} images)"
+            )
+        labels = _npz_array(npz, path, label_key)
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            bad = labels.reshape(-1)[(labels.reshape(-1) < 0) | (labels.reshape(-1) >= n_classes)][0]
+            raise DataError(
+                f"{path}: {label_key} holds label {bad}; {flag} has {n_classes} classes (0..{n_classes - 1})"
+            )
+        images = _npz_array(npz, path, img_key)
+    return images, labels
+
+
+def _npz_header(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of one member, from its .npy header alone."""
+    member = f"{key}.npy"
+    if key not in npz.files or member not in npz.zip.namelist():
+        found = ", ".join(sorted(npz.files)[:8]) or "nothing"
+        raise DataError(f"{path}: no array {key!r} (found: {found}); is it a MedMNIST npz file?")
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with npz.zip.open(member) as fh:
+            reader = readers.get(np.lib.format.read_magic(fh))
+            if reader is None:
+                raise DataError(f"{path}: {key} is not a plain array (npy format 1.0 or 2.0)")
+            shape, _fortran, dtype = reader(fh)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: {key} is not a readable array ({_first_line(exc)})") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: {key} is an object array; refused (reading it would unpickle code)")
+    return tuple(shape), dtype
+
+
+def _npz_array(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except _READ_ERRORS as exc:  # a damaged member (bad CRC, truncated deflate stream)
+        raise DataError(f"{path}: {key} cannot be read ({_first_line(exc)})") from None
 
 
 def pairing_permutation(pairing_seed: int, split: str, m: int) -> np.ndarray:
@@ -154,7 +269,7 @@ def load_split(cfg: DataConfig, split: str) -> PairedSplit:
         The paired split; ``max_train_pairs`` caps the training split only.
 
     Raises:
-        DataError: the npz files are missing or the split name is unknown.
+        DataError: the npz files are missing or malformed (``read_npz_split``), or the split is unknown.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
