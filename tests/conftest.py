@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +28,25 @@ def _restore_logging():
         lg.handlers[:] = handlers
         lg.setLevel(level)
         lg.propagate = propagate
+
+
+def _clone(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        try:
+            os.link(path, dst / path.name)
+        except OSError:  # another file system
+            shutil.copy2(path, dst / path.name)
+    return dst
+
+
+@pytest.fixture
+def clone_run(tmp_path: Path) -> Callable[[Path], Path]:
+    """``clone_run(run_dir)``: a copy of a run dir made of hard links (cheap), in this test's tmp_path.
+
+    Give one of its files new content by unlinking it first, never by writing into it: that would change
+    the session's original run too.
+    """
+    count = iter(range(1000))
+    return lambda src: _clone(Path(src), tmp_path / f"run-{next(count)}")
+

@@ -59,6 +59,11 @@ class UsageError(UserError):
 
 
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "sklearn")
+#: Ctrl-C: 128 + SIGINT, like crc-infer. Every run-dir file is written atomically, so what is there is whole.
+EXIT_INTERRUPTED = 130
+INTERRUPTED = (
+    "interrupted: the run dir keeps the last finished epoch (last.pt); crc-train --resume RUN_DIR continues"
+)
 MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[train]'"
 
 _D, _M, _T = DataConfig(), ModelConfig(), TrainConfig()
@@ -220,6 +225,12 @@ def cli() -> None:
     help="Run directory [default: runs/<timestamp>-<backbone>-<fusion>].",
 )
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start a new run in a --out folder that holds a run: its run files (config.json, checkpoints, "
+    "metrics, report, figures) are removed first; a folder with other files is refused.",
+)
+@click.option(
     "--resume",
     type=click.Path(file_okay=False),
     default=None,
@@ -274,11 +285,11 @@ def train_command(ctx: click.Context, **opts) -> None:  # noqa: ANN003 - click p
             progress=not opts["quiet"],
         ),
     )
-    cfg.validate()  # before importing torch: bad values fail fast
+    cfg.validate()  # before importing torch or writing anything: bad values fail fast, naming the flag
 
     from crc_train.training import train
 
-    _report(train(cfg))
+    _report(train(cfg, overwrite=opts["overwrite"]))
 
 
 #: TrainConfig fields set by the flag of the same name.
@@ -330,7 +341,7 @@ def _report(result) -> None:  # noqa: ANN001 - a training.RunResult
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
     "--ablation-seed",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Seed of the permutation that shuffles radiology images across the test pairs.",
@@ -412,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         code = cli.main(args=argv, prog_name="crc-train", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        code = 1
+    except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        click.echo(INTERRUPTED, err=True)
+        code = EXIT_INTERRUPTED
     except click.ClickException as exc:  # unknown flag, bad choice: one line, like every user error
         click.echo(f"error: {exc.format_message()}", err=True)
         code = 1

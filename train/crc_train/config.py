@@ -6,7 +6,12 @@ training extra. `data.py` and `model.py` re-export `DataConfig` and `ModelConfig
 
 from __future__ import annotations
 
+import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from crc_train.errors import ConfigError
@@ -52,11 +57,11 @@ class DataConfig:
             raise ConfigError(f"data source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
         if self.size not in SIZES:
             raise ConfigError(f"image size must be one of {', '.join(map(str, SIZES))}, got {self.size}")
-        if self.max_train_pairs is not None and self.max_train_pairs < 1:
-            raise ConfigError(f"max_train_pairs must be >= 1, got {self.max_train_pairs}")
+        _in_range("--pairing-seed", self.pairing_seed, 0, None)
+        if self.max_train_pairs is not None:
+            _in_range("--max-train-pairs", self.max_train_pairs, 1, None)
         for name in ("synthetic_train", "synthetic_val", "synthetic_test"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            _in_range(f"data.{name}", getattr(self, name), 1, None)
 
 
 @dataclass
@@ -82,12 +87,17 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError with a user-facing message for an impossible setting."""
+        _require_finite(self, "model.")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.num_classes < 2:
-            raise ConfigError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.image_size not in SIZES:
+            raise ConfigError(
+                f"image size must be one of {', '.join(map(str, SIZES))}, got {self.image_size}"
+            )
+        _in_range("model.num_classes", self.num_classes, 2, None)
+        _in_range("model.attention_dim", self.attention_dim, 1, None)
         if self.attention_heads < 1 or self.attention_dim % self.attention_heads:
             raise ConfigError(
                 f"attention_dim ({self.attention_dim}) must be divisible by attention_heads "
@@ -156,47 +166,130 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError with a user-facing message for an impossible setting."""
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        _require_finite(self, "--")
+        _in_range("--epochs", self.epochs, 1, None)
+        _in_range("--batch-size", self.batch_size, 1, None)
         if self.lr <= 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+            raise ConfigError(f"--lr (learning rate) must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _in_range("--seed", self.seed, 0, MAX_SEED)
+        _in_range("--workers", self.workers, 0, None)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.log_interval < 1:
-            raise ConfigError(f"log_interval must be >= 1, got {self.log_interval}")
-        if self.accumulation_steps < 1:
-            raise ConfigError(f"accumulation steps must be >= 1, got {self.accumulation_steps}")
+        _in_range("--log-interval", self.log_interval, 1, None)
+        _in_range("--accumulation-steps", self.accumulation_steps, 1, None)
         _choice("loss", self.loss, LOSSES)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("select_on", self.select_on, SELECT_ON)
         _choice("amp", self.amp, AMP_MODES)
         if not 0 < self.ldam_max_margin < 2:
-            raise ConfigError(f"ldam max margin must be in (0, 2), got {self.ldam_max_margin}")
+            raise ConfigError(f"--ldam-max-margin must be in (0, 2), got {self.ldam_max_margin}")
         if self.ldam_scale <= 0:
-            raise ConfigError(f"ldam scale must be > 0, got {self.ldam_scale}")
+            raise ConfigError(f"--ldam-scale must be > 0, got {self.ldam_scale}")
         if self.ldam_weight < 0:
-            raise ConfigError(f"ldam weight must be >= 0, got {self.ldam_weight}")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+            raise ConfigError(f"--ldam-weight must be >= 0, got {self.ldam_weight}")
+        if self.patience is not None:
+            _in_range("--patience", self.patience, 1, None)
         if not 0 < self.plateau_factor < 1:
-            raise ConfigError(f"plateau factor must be in (0, 1), got {self.plateau_factor}")
-        if self.plateau_patience < 0:
-            raise ConfigError(f"plateau patience must be >= 0, got {self.plateau_patience}")
-        if self.freeze_epochs < 0:
-            raise ConfigError(f"freeze epochs must be >= 0, got {self.freeze_epochs}")
+            raise ConfigError(f"--plateau-factor must be in (0, 1), got {self.plateau_factor}")
+        _in_range("--plateau-patience", self.plateau_patience, 0, None)
+        _in_range("--freeze-epochs", self.freeze_epochs, 0, None)
         if self.amp == "fp16" and self.device == "cpu":
             raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
+
+
+#: Largest --seed: numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _in_range(label: str, value: int, low: int, high: int | None) -> None:
+    """An integer setting in [low, high] (no upper bound when ``high`` is None)."""
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ConfigError(f"{label} must be {bound}, got {value}")
+
+
+def _require_finite(section: Any, prefix: str) -> None:
+    """Every float field of ``section`` must be a finite number (``--lr inf`` passes ``lr > 0``).
+
+    Args:
+        section: a config dataclass.
+        prefix: how its fields are named to the user: ``"--"`` (a flag of the same name) or ``"model."``.
+    """
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            label = f"--{f.name.replace('_', '-')}" if prefix == "--" else f"{prefix}{f.name}"
+            raise ConfigError(f"{label} must be a finite number, got {value}")
+
+
+# ---- the typed loader: config.json, the checkpoint's config, last.pt's config
+
+
+def _expect(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a field annotation (bool, int, float, str, X | None, list/tuple of X).
+
+    Returns:
+        The value, with an int widened to float for a float field and a JSON list turned into a tuple
+        for a tuple field.
+
+    Raises:
+        ConfigError: the value has another type; the message names ``where``.
+    """
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else ()
+    if options:
+        if value is None and type(None) in options:
+            return None
+        (hint,) = [o for o in options if o is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {_short(value)}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        items = [_expect(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if ok is None:
+        raise TypeError(f"config field {where}: the loader does not know the annotation {hint!r}")
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+        raise ConfigError(f"{where} must be {kind}, got {_short(value)}")
+    return float(value) if hint is float else value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def section_from_dict(klass: type, data: Any, where: str) -> Any:
+    """Build config dataclass ``klass`` from a plain dict, checking every field's type.
+
+    Missing fields take their defaults (configs of older versions load); unknown fields are refused.
+
+    Raises:
+        ConfigError: not a dict, an unknown field or a value of the wrong type, named by ``where``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object (a dict), got {_short(data)}")
+    hints = typing.get_type_hints(klass)
+    known = {f.name for f in fields(klass)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where} has unknown fields: {', '.join(unknown)}")
+    return klass(**{name: _expect(value, hints[name], f"{where}.{name}") for name, value in data.items()})
 
 
 @dataclass
@@ -222,21 +315,56 @@ class RunConfig:
         return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """The inverse of ``to_dict`` (extra top-level keys such as run_id are ignored).
+    def from_dict(cls, d: Any, where: str = "saved config") -> RunConfig:
+        """The inverse of ``to_dict`` (extra top-level keys such as run_id are ignored), type-checked.
+
+        Args:
+            d: the plain dict (config.json, or the copy inside a checkpoint).
+            where: how errors name its source, e.g. the file.
 
         Raises:
-            ConfigError: a section holds a field this version does not know.
+            ConfigError: not a dict, a section that is not one, a field this version does not know or a
+                value of the wrong type. Ranges are ``validate``'s job.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must be an object (a dict), got {_short(d)}")
         sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-        built = {}
-        for name, klass in sections.items():
-            known = {f.name for f in fields(klass)}
-            unknown = sorted(set(d.get(name, {})) - known)
-            if unknown:
-                raise ConfigError(f"saved config section {name!r} has unknown fields: {', '.join(unknown)}")
-            built[name] = klass(**d.get(name, {}))
+        built = {
+            name: section_from_dict(klass, d.get(name, {}), f"{where}: {name}")
+            for name, klass in sections.items()
+        }
         return cls(**built)
+
+
+def load_run_config(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """Read a run's config.json: one typed, validated config, or one user error naming the file.
+
+    Returns:
+        (the config, the file's dict as read: it also holds ``run_id``).
+
+    Raises:
+        ConfigError: unreadable, not UTF-8, not JSON, not a config, or a value out of range.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        raw = json.loads(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); is it a crc-train config.json?"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to be a crc-train config") from None
+    cfg = RunConfig.from_dict(raw, str(path))
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg, raw
 
 
 #: ``--preset paper``: the recipe of seed paper 000, as (section, field) -> value. The paper fixes the

@@ -5,7 +5,7 @@ Torch-free, so the CLI can catch them without importing the training stack.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DivergedError", "UserError"]
 
 
 class UserError(Exception):
@@ -22,3 +22,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+class DivergedError(UserError):
+    """The training loss (or the validation loss) became NaN or infinite: training cannot go on."""

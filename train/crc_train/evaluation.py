@@ -15,19 +15,20 @@ import csv
 import hashlib
 import json
 import logging
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from crc_train.config import DataConfig
+from crc_train.config import RunConfig, load_run_config
 from crc_train.data import PairedSplit, load_split
 from crc_train.errors import UserError
 from crc_train.metrics import EXACT_BELOW, KEY_CLASSES, PAIRED_VS_UNPAIRED, classification_metrics, short_name
 from crc_train.plots import plot_confusion_matrix, plot_roc_curves, plot_tsne, tsne_embedding
 from crc_train.rundir import (
+    RunDirError,
     atomic_path,
     load_checkpoint,
     model_from_checkpoint,
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 
 #: The PNGs evaluate_run writes into the run dir.
 FIGURES = ("confusion_matrix.png", "roc_curves.png", "tsne.png")
-
-
-class RunDirError(UserError):
-    """A run directory that is missing or lacks the files a command needs."""
 
 
 def _device(name: str) -> torch.device:
@@ -147,11 +144,6 @@ def _val_loss_from_csv(run_dir: Path, epoch: int) -> float | None:
     return None
 
 
-def _data_config(config: dict[str, Any]) -> DataConfig:
-    known = {f.name for f in fields(DataConfig)}
-    return DataConfig(**{k: v for k, v in config.get("data", {}).items() if k in known})
-
-
 def evaluate_run(
     run_dir: str | Path,
     device: str = "cpu",
@@ -178,11 +170,14 @@ def evaluate_run(
     if not run_dir.is_dir():
         raise RunDirError(f"run dir not found: {run_dir}")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else ckpt["config"]
+    if (run_dir / "config.json").is_file():
+        run_cfg, config = load_run_config(run_dir / "config.json")
+    else:
+        run_cfg, config = RunConfig.from_dict(ckpt["config"]), ckpt["config"]  # checked by load_checkpoint
     dev = _device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
+    model = model_from_checkpoint(ckpt, run_dir / "checkpoint.pt").to(dev)
     classes = list(ckpt["classes"])
-    split = load_split(_data_config(config), "test")
+    split = load_split(run_cfg.data, "test")
     log.info("evaluating %s on %d test pairs (%s)", run_dir, len(split), dev)
 
     out = predict(model, split, dev, batch_size)

@@ -1,7 +1,8 @@
 """The training run: read ``train`` top to bottom.
 
 load data -> stats -> model (+ pretrained weights) -> loss, Adam, ReduceLROnPlateau, GradScaler ->
-[resume from last.pt] -> for each epoch: (un)freeze backbones, ``train_one_epoch``, ``evaluate`` (val),
+[resume from last.pt] -> run dir, config.json (nothing is written before: a refused run leaves
+no trace) -> for each epoch: (un)freeze backbones, ``train_one_epoch``, ``evaluate`` (val),
 scheduler step, keep the best checkpoint, early stopping, metrics.csv + training_curves.png + last.pt ->
 evaluate the best checkpoint on the test split (``evaluation.evaluate_run``: metrics.json, report.md,
 test_predictions.npz, figures).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -45,14 +47,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from crc_train.config import RunConfig, TrainConfig
 from crc_train.data import PairedDataset, channel_stats, load_split
-from crc_train.errors import ConfigError
+from crc_train.errors import CheckpointError, ConfigError, DivergedError
 from crc_train.losses import TrainLoss, cosine_logits
 from crc_train.model import build_model, load_pretrained, set_backbones_trainable, source_state_dict
 from crc_train.plots import CURVES_PNG, plot_training_curves
 from crc_train.rundir import (
     FORMAT_VERSION,
     Progress,
+    RunDirError,
     capture_rng,
+    check_optimizer_state,
+    check_run_dir,
+    check_state_dict,
+    clear_run_dir,
     default_run_dir,
     load_last,
     restore_rng,
@@ -120,16 +127,23 @@ def resume(run_dir: str | Path, **overrides: Any) -> RunResult:
     return train(cfg, resume_state=state)
 
 
-def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResult:
+def train(
+    cfg: RunConfig, resume_state: dict[str, Any] | None = None, *, overwrite: bool = False
+) -> RunResult:
     """Train, keep the best checkpoint on validation, evaluate it on the test split.
 
     Args:
         cfg: the run configuration.
         resume_state: a loaded last.pt (``resume`` passes it); None starts a new run.
+        overwrite: a new run may replace the run in a non-empty ``cfg.train.out`` (its ``RUN_FILES`` are
+            removed once the data has loaded); without it a non-empty folder is refused.
 
     Raises:
         ConfigError: an invalid configuration (user error).
         DataError: the data cannot be loaded (user error).
+        RunDirError: ``out`` holds a run (without ``overwrite``) or files crc-train did not write.
+        CheckpointError: ``resume_state`` does not fit the model, optimiser or number of processes.
+        DivergedError: the loss became NaN or infinite; the run dir keeps the last finished epoch.
     """
     cfg.validate()
     tcfg = cfg.train
@@ -143,13 +157,23 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
         device = torch.device("cuda", ctx.local_rank)
     if not ctx.is_main:
         logging.getLogger("crc_train").setLevel(logging.WARNING)
+    if resume_state is not None and len(resume_state["rng"]) != ctx.world_size:
+        n_saved = len(resume_state["rng"])
+        raise ConfigError(f"resume with the run's {n_saved} process(es), not {ctx.world_size}")
+    if resume_state is None and tcfg.out:
+        check_run_dir(tcfg.out, overwrite)  # every rank, before any writes; rank 0 checks again below
+        barrier(ctx)
     pretrained = cfg.model.pretrained if resume_state is None else None
     # read (or download) the weights before anything is written: a failure leaves no run dir behind
     pretrained_state = source_state_dict(pretrained, cfg.model.backbone) if pretrained else None
 
-    # ---- data (before the run dir exists, so a data error leaves nothing behind)
+    # ---- data (before the run dir exists, so a data error leaves nothing behind; so do the model's below)
     splits = {name: load_split(cfg.data, name) for name in ("train", "val")}
     classes = splits["train"].classes
+    if cfg.model.num_classes != len(classes):
+        raise ConfigError(
+            f"model.num_classes is {cfg.model.num_classes}; the data has {len(classes)} classes"
+        )
     normalization = channel_stats(splits["train"])
     train_set, val_set = PairedDataset(splits["train"]), PairedDataset(splits["val"])
     sampler = None
@@ -158,19 +182,6 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
         val_set = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))  # no padding duplicates
     train_loader = make_loader(train_set, tcfg, device, sampler=sampler, shuffle=True)
     val_loader = make_loader(val_set, tcfg, device)
-
-    # ---- run dir (rank 0 decides, every rank learns it)
-    run_dir, run_id = None, None
-    if ctx.is_main:
-        run_dir = Path(tcfg.out) if tcfg.out else default_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = resume_state["run_id"] if resume_state else f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-    run_dir, run_id = broadcast_object(ctx, (run_dir, run_id))
-    tcfg.out = str(run_dir)
-    config_dict = {**cfg.to_dict(), "run_id": run_id}
-    if ctx.is_main:
-        write_json(run_dir / "config.json", config_dict)
-    log.info("run %s in %s on %s, %d process(es)", run_id, run_dir, device, ctx.world_size)
 
     # ---- model, loss, optimiser, schedule
     seed_everything(tcfg.seed)
@@ -192,19 +203,24 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
     scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
     progress, rows, start_epoch = Progress(), [], 1
     if resume_state is not None:
-        model.load_state_dict(resume_state["state_dict"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume_state["scheduler"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
+        where = Path(tcfg.out) / "last.pt"
+        _restore(resume_state, model, optimizer, scheduler, scaler, train_loader, ctx, where)
         progress = Progress(**resume_state["progress"])
         rows, start_epoch = list(resume_state["rows"]), int(resume_state["epoch"]) + 1
-        if len(resume_state["rng"]) != ctx.world_size:
-            n_saved = len(resume_state["rng"])
-            raise ConfigError(f"resume with the run's {n_saved} process(es), not {ctx.world_size}")
-        restore_rng(resume_state["rng"][ctx.rank], train_loader.generator)
         log.info("resuming after epoch %d (best epoch %d)", start_epoch - 1, progress.best_epoch)
+
+    # ---- run dir (rank 0 decides, every rank learns it), once everything it will hold is ready
+    run_dir, run_id = None, None
+    if ctx.is_main:
+        run_dir = Path(tcfg.out) if tcfg.out else default_run_dir(cfg)
+        _make_run_dir(run_dir, new=resume_state is None, overwrite=overwrite)
+        run_id = resume_state["run_id"] if resume_state else f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+    run_dir, run_id = broadcast_object(ctx, (run_dir, run_id))
+    tcfg.out = str(run_dir)
+    config_dict = {**cfg.to_dict(), "run_id": run_id}
+    if ctx.is_main:
+        write_json(run_dir / "config.json", config_dict)
+    log.info("run %s in %s on %s, %d process(es)", run_id, run_dir, device, ctx.world_size)
     log.info(
         "%s/%s, loss %s: %.2fM parameters, %d train / %d val pairs, %d x %d pairs per step",
         cfg.model.backbone,
@@ -238,6 +254,10 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
             log_interval=tcfg.log_interval, progress=tcfg.progress,
         )  # fmt: skip
         val = evaluate(model, val_loader, device, amp=tcfg.amp, ctx=ctx)
+        if not math.isfinite(val["loss"]):
+            raise DivergedError(
+                f"the validation loss became {val['loss']} at epoch {epoch}: {_DIVERGED_HINT.format(lr=lr)}"
+            )
         if scheduler is not None:
             scheduler.step(val["loss"])
         rows.append(
@@ -315,6 +335,58 @@ def train(cfg: RunConfig, resume_state: dict[str, Any] | None = None) -> RunResu
     barrier(ctx)
     shutdown(ctx)
     return RunResult(run_dir=run_dir, metrics=metrics, model=model)
+
+
+_DIVERGED_HINT = (
+    "training stopped (lr {lr:.3g}); the run dir keeps the files of the last finished epoch. "
+    "Start again with a lower --lr (or --amp off)"
+)
+
+
+def _make_run_dir(run_dir: Path, new: bool, overwrite: bool) -> None:
+    """Create the run dir; for a new run, check it again and (``overwrite``) clear the old run's files."""
+    if new:
+        check_run_dir(run_dir, overwrite)
+        removed = clear_run_dir(run_dir) if overwrite else []
+        if removed:
+            log.info("--overwrite: removed %s from %s", ", ".join(removed), run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the run dir {run_dir}: {exc.strerror or exc}") from None
+
+
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    train_loader: DataLoader,
+    ctx: DistContext,
+    where: Path,
+) -> None:
+    """Load a checked last.pt (``rundir.check_last``) into the model, optimiser, schedule and RNGs.
+
+    What only these objects can tell (tensor names and shapes, the optimiser's groups) is checked here;
+    any mismatch is a CheckpointError naming last.pt, not a traceback.
+    """
+    check_state_dict(model, state["state_dict"], where)
+    model.load_state_dict(state["state_dict"])
+    check_optimizer_state(state["optimizer"], list(model.parameters()), where)
+    parts = [("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)]
+    for name, target in parts:
+        if target is None or (name == "scaler" and not state.get("scaler")):
+            continue
+        try:
+            target.load_state_dict(state[name])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{where}: {name} state does not fit this run: {first}") from None
+    try:
+        restore_rng(state["rng"][ctx.rank], train_loader.generator)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{where}: rng[{ctx.rank}] is not a usable RNG state ({exc})") from None
 
 
 def _finish(
@@ -420,13 +492,15 @@ def train_one_epoch(
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger("crc_train")])
     else:
         redirect = contextlib.nullcontext()
-    with redirect:
-        total_loss, correct, seen = _epoch_steps(
-            forward, loader, optimizer, loss_fn, device, epoch, accumulation_steps, amp, scaler, ctx,
-            log_interval, bar,
-        )  # fmt: skip
-    if bar is not None:
-        bar.close()
+    try:
+        with redirect:
+            total_loss, correct, seen = _epoch_steps(
+                forward, loader, optimizer, loss_fn, device, epoch, accumulation_steps, amp, scaler, ctx,
+                log_interval, bar,
+            )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
     total_loss, correct, seen = all_reduce_sums(ctx, [total_loss, correct, seen], device)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
@@ -471,6 +545,12 @@ def _epoch_steps(
 
         n = labels.shape[0]
         loss_value = loss.item()  # syncs once per micro-batch; cheap next to the step itself
+        if not math.isfinite(loss_value):  # every later step would be NaN too: stop before it is saved
+            lr = optimizer.param_groups[0]["lr"]
+            raise DivergedError(
+                f"the training loss became {loss_value} at epoch {epoch}, step {i}: "
+                + _DIVERGED_HINT.format(lr=lr)
+            )
         total_loss += loss_value * n
         batch_correct = int((logits.detach().argmax(1) == labels).sum())
         correct += batch_correct
