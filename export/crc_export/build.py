@@ -1,4 +1,8 @@
-"""Turn a training run directory into a bundle (docs/bundle.md) and gate every artifact on parity."""
+"""Turn a training run directory into a bundle (docs/bundle.md) and gate every artifact on parity.
+
+Every request is checked before the minutes of export work (``_preflight``; where it may write:
+outputs.py), and the bundle appears complete or not at all (``atomic_folder``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import logging
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -18,10 +23,11 @@ from crc_runtime.validate import DEFAULT_THRESHOLDS
 
 from .fp16 import FP16_FILE, export_fp16_onnx, precision_summary
 from .onnx import DEFAULT_OPSET, check_onnx, export_onnx
+from .outputs import bundle_problem, check_output_folder, writing
 from .parity import onnx_artifact, parity_entry
 from .reference import build_reference, write_reference
 from .tensorrt import TrtConfig, build_engine, engine_logits, require_tensorrt
-from .triton import DEFAULT_MODEL_NAME, check_model_name, check_repository_target, write_triton_repository
+from .triton import DEFAULT_MODEL_NAME, check_model_name, repository_problem, write_triton_repository
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ class ExportConfig:
     triton: Path | None = None  # write a Triton model repository here
     triton_model_name: str = DEFAULT_MODEL_NAME  # prefix of the Triton model names
     triton_max_batch: int | None = None  # Triton max_batch_size (default: the engine profile's max batch)
+    progress: bool = True  # a bar over the export steps, on a terminal only
 
 
 @dataclass
@@ -84,7 +91,8 @@ def _git_commit() -> str | None:
 
 
 def _load_run(run_dir: Path):
-    """Read the run's config and checkpoint and rebuild its model."""
+    """Read the run's config and checkpoint (both checked field by field) and rebuild its model."""
+    from crc_train.config import load_run_config
     from crc_train.rundir import load_checkpoint, model_from_checkpoint
 
     if not run_dir.is_dir():
@@ -94,12 +102,9 @@ def _load_run(run_dir: Path):
     for required in (ckpt_path, config_path):
         if not required.is_file():
             raise UserError(f"{required}: missing; is {run_dir} a finished crc-train run?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    run_cfg, config = load_run_config(config_path)
     ckpt = load_checkpoint(ckpt_path)
-    return config, ckpt, model_from_checkpoint(ckpt)
+    return run_cfg, config, ckpt, model_from_checkpoint(ckpt, ckpt_path)
 
 
 def _engine_artifact(
@@ -127,20 +132,23 @@ def _engine_artifact(
     return art
 
 
-def _preflight(bundle: Path, cfg: ExportConfig) -> None:
+def _preflight(run_dir: Path, bundle: Path, cfg: ExportConfig) -> None:
     """Refuse impossible requests before the minutes of export work."""
-    if bundle.exists() and any(bundle.iterdir()) and not cfg.overwrite:
-        raise UserError(f"{bundle}: exists and is not empty; pass --overwrite to replace it")
+    check_output_folder(bundle, "-o", run_dir, cfg.overwrite, bundle_problem)
     if cfg.trt is not None:
         if not cfg.fp16:
             raise UserError("--trt builds the engine from model.fp16.onnx; drop --no-fp16")
         cfg.trt.validate()
         require_tensorrt()
     if cfg.triton is not None:
+        triton = Path(cfg.triton)
         check_model_name(cfg.triton_model_name)
-        check_repository_target(Path(cfg.triton), cfg.overwrite)
-        if Path(cfg.triton).resolve() == bundle.resolve():
-            raise UserError(f"{cfg.triton}: the Triton repository must be another folder than the bundle")
+        check_output_folder(triton, "--triton", run_dir, cfg.overwrite, repository_problem)
+        a, b = triton.resolve(), bundle.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise UserError(
+                f"--triton {cfg.triton}: the Triton repository must be a folder apart from the bundle"
+            )
         if cfg.trt is not None and (cfg.triton_max_batch or 0) > cfg.trt.max_batch:
             raise UserError(
                 f"--triton-max-batch {cfg.triton_max_batch} is above the engine's --max-batch "
@@ -148,74 +156,116 @@ def _preflight(bundle: Path, cfg: ExportConfig) -> None:
             )
 
 
+class _Steps:
+    """A bar over the export's steps (each is seconds to minutes), on a terminal only."""
+
+    def __init__(self, names: list[str], show: bool) -> None:
+        self.bar = None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(names), unit="step", leave=False, dynamic_ncols=True)
+
+    def __call__(self, name: str) -> None:
+        """Mark the previous step done and show ``name`` as the current one."""
+        log.info("%s", name)
+        if self.bar is not None:
+            if self.bar.desc:
+                self.bar.update(1)
+            self.bar.set_description_str(name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult:
     """Export ``run_dir`` into ``bundle``; the folder appears complete or not at all."""
-    from crc_train.data import DataConfig, load_split
+    from crc_train.data import load_split
 
     run_dir, bundle = Path(run_dir), Path(bundle)
-    _preflight(bundle, cfg)
-    config, ckpt, model = _load_run(run_dir)
-    data_cfg = DataConfig(**config["data"])
+    _preflight(run_dir, bundle, cfg)
+    run_cfg, config, ckpt, model = _load_run(run_dir)
+    data_cfg = run_cfg.data
     if cfg.data_root is not None:
         data_cfg.root = cfg.data_root
     test = load_split(data_cfg, "test")
     image_size = int(ckpt["image_size"])
 
-    with atomic_folder(bundle) as work:
-        onnx_path = export_onnx(
-            model,
-            work / "model.onnx",
-            image_size,
-            exporter=cfg.exporter,
-            opset=cfg.opset,
-            external_data=cfg.external_data,
-        )
-        check_onnx(onnx_path)
-        ref = build_reference(model, test, cfg.parity_pairs, cfg.batch_size)
-        write_reference(work / "reference.npz", ref)
+    names = ["model.onnx", "reference logits", "parity model.onnx"]
+    names += ["model.fp16.onnx", "parity model.fp16.onnx"] if cfg.fp16 else []
+    names += ["TensorRT engine"] if cfg.trt is not None else []
+    names += ["manifest"] + (["Triton repository"] if cfg.triton is not None else [])
+    step = _Steps(names, cfg.progress)
+    try:
+        with writing(bundle, "-o"), atomic_folder(bundle) as work:
+            step("model.onnx")
+            onnx_path = export_onnx(
+                model,
+                work / "model.onnx",
+                image_size,
+                exporter=cfg.exporter,
+                opset=cfg.opset,
+                external_data=cfg.external_data,
+            )
+            check_onnx(onnx_path)
+            step("reference logits")
+            ref = build_reference(model, test, cfg.parity_pairs, cfg.batch_size)
+            write_reference(work / "reference.npz", ref)
 
-        artifacts = [onnx_artifact(onnx_path, "fp32", ref, cfg.thresholds, cfg.batch_size)]
-        if cfg.fp16:
-            fp16_path = export_fp16_onnx(
-                model, work / FP16_FILE, image_size, exporter=cfg.exporter, opset=cfg.opset
+            step("parity model.onnx")
+            artifacts = [onnx_artifact(onnx_path, "fp32", ref, cfg.thresholds, cfg.batch_size)]
+            if cfg.fp16:
+                step("model.fp16.onnx")
+                fp16_path = export_fp16_onnx(
+                    model, work / FP16_FILE, image_size, exporter=cfg.exporter, opset=cfg.opset
+                )
+                check_onnx(fp16_path)
+                step("parity model.fp16.onnx")
+                artifacts.append(
+                    onnx_artifact(
+                        fp16_path, "fp16", ref, cfg.thresholds, cfg.batch_size, device=cfg.fp16_device
+                    )
+                )
+                artifacts[-1]["graph"] = precision_summary(fp16_path)
+            if cfg.trt is not None:
+                step("TensorRT engine")
+                previous = bundle if bundle.is_dir() else None
+                artifacts.append(_engine_artifact(fp16_path, work, image_size, ref, cfg, previous))
+            step("manifest")
+            files = [
+                "reference.npz",
+                *(a["file"] for a in artifacts),
+                *(name for a in artifacts for name in a.get("external_data", [])),
+                *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
+            ]
+            manifest = _manifest(
+                ckpt,
+                config,
+                run_dir,
+                ref,
+                artifacts,
+                image_size,
+                files={name: sha256_file(work / name) for name in files},
             )
-            check_onnx(fp16_path)
-            artifacts.append(
-                onnx_artifact(fp16_path, "fp16", ref, cfg.thresholds, cfg.batch_size, device=cfg.fp16_device)
+            write_manifest(work, manifest)
+        passed = all(a["parity"]["passed"] for a in artifacts)
+        if cfg.triton is not None:
+            step("Triton repository")
+            max_batch = cfg.triton_max_batch or (
+                cfg.trt.max_batch if cfg.trt is not None else TrtConfig.max_batch
             )
-            artifacts[-1]["graph"] = precision_summary(fp16_path)
-        if cfg.trt is not None:
-            previous = bundle if bundle.is_dir() else None
-            artifacts.append(_engine_artifact(fp16_path, work, image_size, ref, cfg, previous))
-        names = [
-            "reference.npz",
-            *(a["file"] for a in artifacts),
-            *(name for a in artifacts for name in a.get("external_data", [])),
-            *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
-        ]
-        manifest = _manifest(
-            ckpt,
-            config,
-            run_dir,
-            ref,
-            artifacts,
-            image_size,
-            files={name: sha256_file(work / name) for name in names},
-        )
-        write_manifest(work, manifest)
-    passed = all(a["parity"]["passed"] for a in artifacts)
-    if cfg.triton is not None:
-        max_batch = cfg.triton_max_batch or (
-            cfg.trt.max_batch if cfg.trt is not None else TrtConfig.max_batch
-        )
-        write_triton_repository(
-            bundle,
-            Path(cfg.triton),
-            manifest,
-            model_name=cfg.triton_model_name,
-            max_batch_size=max_batch,
-            overwrite=cfg.overwrite,
-        )
+            with writing(Path(cfg.triton), "--triton"):
+                write_triton_repository(
+                    bundle,
+                    Path(cfg.triton),
+                    manifest,
+                    model_name=cfg.triton_model_name,
+                    max_batch_size=max_batch,
+                    overwrite=cfg.overwrite,
+                )
+    finally:
+        step.close()
     return ExportResult(bundle=bundle, manifest=manifest, passed=passed)
 
 

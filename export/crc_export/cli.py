@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -14,12 +15,30 @@ EXTRA_HINT = "crc-export needs the export extra: pip install 'crc-fusion[export]
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "onnx", "onnxscript", "onnxruntime")
 
 
+#: Ctrl-C: 128 + SIGINT, like crc-infer and crc-train.
+EXIT_INTERRUPTED = 130
+INTERRUPTED = (
+    "interrupted: nothing half-written is left (a bundle or Triton repository appears whole or not at all)"
+)
+
+
+def _finite(ctx, param, value):
+    """A threshold flag: ``nan`` compares False both ways and ``inf`` disables a gate; refuse both."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _threshold_override(ctx, param, values):
     """``--threshold fp16.max_abs_diff=0.05`` -> [("fp16", "max_abs_diff", 0.05)] (the runtime's syntax)."""
     try:
-        return [parse_threshold(text) for text in values]
+        parsed = [parse_threshold(text) for text in values]
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    for text, (_, _, number) in zip(values, parsed, strict=True):
+        if not math.isfinite(number):
+            raise click.BadParameter(f"{text!r}: {number} is not a finite number")
+    return parsed
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +94,8 @@ def _threshold_override(ctx, param, values):
     "--fp32-max-abs-diff",
     default=1e-3,
     show_default=True,
-    type=float,
+    type=click.FloatRange(min=0),
+    callback=_finite,
     help="Parity gate: largest allowed |logit difference| for FP32 artifacts.",
 )
 @click.option(
@@ -83,6 +103,7 @@ def _threshold_override(ctx, param, values):
     default=0.995,
     show_default=True,
     type=click.FloatRange(0, 1),
+    callback=_finite,
     help="Parity gate: smallest top-1 agreement with PyTorch for FP16 artifacts (ONNX and engine).",
 )
 @click.option(
@@ -90,6 +111,7 @@ def _threshold_override(ctx, param, values):
     default=0.005,
     show_default=True,
     type=click.FloatRange(min=0),
+    callback=_finite,
     help="Parity gate: largest |accuracy - PyTorch accuracy| for FP16 artifacts (0.005 = 0.5 pt).",
 )
 @click.option(
@@ -164,9 +186,14 @@ def _threshold_override(ctx, param, values):
     type=click.IntRange(min=1),
     help="Triton max_batch_size (default: --max-batch).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder (and Triton repository).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a bundle (and Triton repository) crc-export wrote; any other non-empty folder is refused.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress.")
-def export_command(run_dir, bundle, verbose, **opts):
+@click.option("--quiet", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
+def export_command(run_dir, bundle, verbose, quiet, **opts):
     """Export RUN_DIR (a crc-train run) as a bundle: model.onnx, model.fp16.onnx, reference.npz, manifest.
 
     Every artifact is gated on parity with PyTorch's FP32 logits on reference.npz; one that fails is
@@ -203,6 +230,7 @@ def export_command(run_dir, bundle, verbose, **opts):
         triton=opts["triton"],
         triton_model_name=opts["triton_model_name"],
         triton_max_batch=opts["triton_max_batch"] or opts["max_batch"],
+        progress=not quiet,
     )
     cfg.thresholds["fp32"]["max_abs_diff"] = opts["fp32_max_abs_diff"]
     cfg.thresholds["fp16"]["min_top1_agreement"] = opts["fp16_min_agreement"]
@@ -211,6 +239,9 @@ def export_command(run_dir, bundle, verbose, **opts):
         cfg.thresholds[precision][key] = value
     try:
         result = build_bundle(run_dir, bundle, cfg)
+    except KeyboardInterrupt:  # the bundle appears only when complete: nothing half-written is left
+        click.echo(f"\n{INTERRUPTED}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except (RuntimeUserError, TrainUserError) as exc:
         for line in getattr(exc, "details", []):  # e.g. TensorRT parser errors, one per line
             click.echo(f"error: {line}", err=True)
@@ -239,7 +270,14 @@ def main() -> None:
     if missing:
         click.echo(f"{EXTRA_HINT} (missing: {', '.join(missing)})", err=True)
         sys.exit(1)
-    export_command()
+    try:
+        export_command.main(prog_name="crc-export", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C outside the export itself (click turns it into Abort)
+        click.echo(INTERRUPTED, err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:  # unknown flag, bad value: click's usage message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

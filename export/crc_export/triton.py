@@ -24,6 +24,8 @@ from pathlib import Path
 from crc_runtime.atomic import atomic_folder
 from crc_runtime.errors import UserError
 
+from .outputs import check_output_folder
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "crc_fusion"
@@ -38,12 +40,45 @@ _MODELS = {
 
 
 def check_repository_target(repo: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to write into a non-empty folder unless ``overwrite``."""
-    repo = Path(repo)
-    if repo.exists() and not repo.is_dir():
-        raise UserError(f"{repo}: exists and is not a folder; pass another --triton folder")
-    if repo.is_dir() and any(repo.iterdir()) and not overwrite:
-        raise UserError(f"{repo}: exists and is not empty; pass --overwrite to replace the Triton repository")
+    """Refuse, before any work, a file, a non-empty folder without ``overwrite``, or (with it) a folder that
+    is not a Triton repository crc-export wrote (``repository_problem``)."""
+    check_output_folder(Path(repo), "--triton", None, overwrite, repository_problem)
+
+
+def repository_problem(repo: Path) -> str | None:
+    """Why ``repo`` is not a repository this module wrote (None when it is one).
+
+    Ours holds only model folders ``<name>_{onnx,fp16_onnx,trt}``, each with a ``config.pbtxt`` naming that
+    folder and one of our platforms, ``labels.txt`` and version ``1/`` holding ``model.onnx`` (a file, or
+    the folder of a graph with external weights) or ``model.plan``: nothing a user keeps there.
+    """
+    suffixes = tuple(f"_{suffix}" for suffix, _, _ in _MODELS.values())
+    platforms = {platform for _, platform, _ in _MODELS.values()}
+    for model in sorted(repo.iterdir()):
+        if not model.is_dir() or not model.name.endswith(suffixes):
+            return f"{model.name} is not one of its model folders"
+        if sorted(p.name for p in model.iterdir()) != ["1", "config.pbtxt", _LABELS]:
+            return f"{model.name} holds other files than config.pbtxt, {_LABELS} and 1/"
+        try:
+            config = (model / "config.pbtxt").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return f"{model.name}/config.pbtxt is not readable text"
+        lines = config.splitlines()
+        if (
+            not lines
+            or lines[0] != f'name: "{model.name}"'
+            or not any(line == f'platform: "{platform}"' for line in lines[1:3] for platform in platforms)
+        ):
+            return f"{model.name}/config.pbtxt was not written by crc-export"
+        version = model / "1"
+        entries = list(version.iterdir()) if version.is_dir() else None
+        if entries is None or len(entries) != 1 or entries[0].name not in ("model.onnx", "model.plan"):
+            return f"{model.name}/1 holds other files than the model"
+        if entries[0].is_dir() and not all(
+            p.is_file() and p.name.startswith("model.onnx") for p in entries[0].iterdir()
+        ):
+            return f"{model.name}/1/model.onnx holds other files than the model and its weights"
+    return None
 
 
 def check_model_name(name: str) -> None:
