@@ -200,6 +200,7 @@ def export_command(run_dir, bundle, verbose, quiet, **opts):
     marked unusable in manifest.json (the runtime refuses it) and the command ends with FAILED.
     """
     from crc_runtime.errors import UserError as RuntimeUserError
+    from crc_runtime.errors import printable
     from crc_runtime.validate import format_parity_table
     from crc_train.errors import UserError as TrainUserError
 
@@ -244,8 +245,8 @@ def export_command(run_dir, bundle, verbose, quiet, **opts):
         sys.exit(EXIT_INTERRUPTED)
     except (RuntimeUserError, TrainUserError) as exc:
         for line in getattr(exc, "details", []):  # e.g. TensorRT parser errors, one per line
-            click.echo(f"error: {line}", err=True)
-        click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(line)}", err=True)
+        click.echo(f"error: {printable(str(exc))}", err=True)
         sys.exit(1)
     rows = [
         {"artifact": a["file"], "precision": a["precision"], **a["parity"]}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from crc_runtime.bundle import MANIFEST_NAME
-from crc_runtime.errors import UserError
+from crc_runtime.errors import UserError, printable
 
 __all__ = ["bundle_problem", "check_output_folder", "writing"]
 
@@ -49,7 +49,7 @@ def bundle_problem(folder: Path) -> str | None:
         return f"{MANIFEST_NAME} is not a crc-export manifest"
     foreign = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME and p.name not in files)
     if foreign:
-        return f"it holds files the bundle does not list ({', '.join(foreign[:3])})"
+        return f"it holds files the bundle does not list ({', '.join(map(printable, foreign[:3]))})"
     return None
 
 

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from crc_runtime.atomic import atomic_folder
-from crc_runtime.errors import UserError
+from crc_runtime.errors import UserError, printable
 
 from .outputs import check_output_folder
 
@@ -55,29 +55,30 @@ def repository_problem(repo: Path) -> str | None:
     suffixes = tuple(f"_{suffix}" for suffix, _, _ in _MODELS.values())
     platforms = {platform for _, platform, _ in _MODELS.values()}
     for model in sorted(repo.iterdir()):
+        name = printable(model.name)
         if not model.is_dir() or not model.name.endswith(suffixes):
-            return f"{model.name} is not one of its model folders"
+            return f"{name} is not one of its model folders"
         if sorted(p.name for p in model.iterdir()) != ["1", "config.pbtxt", _LABELS]:
-            return f"{model.name} holds other files than config.pbtxt, {_LABELS} and 1/"
+            return f"{name} holds other files than config.pbtxt, {_LABELS} and 1/"
         try:
             config = (model / "config.pbtxt").read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
-            return f"{model.name}/config.pbtxt is not readable text"
+            return f"{name}/config.pbtxt is not readable text"
         lines = config.splitlines()
         if (
             not lines
             or lines[0] != f'name: "{model.name}"'
             or not any(line == f'platform: "{platform}"' for line in lines[1:3] for platform in platforms)
         ):
-            return f"{model.name}/config.pbtxt was not written by crc-export"
+            return f"{name}/config.pbtxt was not written by crc-export"
         version = model / "1"
         entries = list(version.iterdir()) if version.is_dir() else None
         if entries is None or len(entries) != 1 or entries[0].name not in ("model.onnx", "model.plan"):
-            return f"{model.name}/1 holds other files than the model"
+            return f"{name}/1 holds other files than the model"
         if entries[0].is_dir() and not all(
             p.is_file() and p.name.startswith("model.onnx") for p in entries[0].iterdir()
         ):
-            return f"{model.name}/1/model.onnx holds other files than the model and its weights"
+            return f"{name}/1/model.onnx holds other files than the model and its weights"
     return None
 
 

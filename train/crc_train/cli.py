@@ -62,7 +62,8 @@ REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "sklearn")
 #: Ctrl-C: 128 + SIGINT, like crc-infer. Every run-dir file is written atomically, so what is there is whole.
 EXIT_INTERRUPTED = 130
 INTERRUPTED = (
-    "interrupted: the run dir keeps the last finished epoch (last.pt); crc-train --resume RUN_DIR continues"
+    "interrupted: the files written so far are whole; a training run continues from its last finished "
+    "epoch with crc-train --resume RUN_DIR"
 )
 MISSING_EXTRA = "crc-train needs the training extra: pip install 'crc-fusion[train]'"
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from crc_train.errors import ConfigError
+from crc_train.errors import ConfigError, shown
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 LOSSES = ("ce", "ldam", "ce+ldam")
@@ -286,7 +286,7 @@ def section_from_dict(klass: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be an object (a dict), got {_short(data)}")
     hints = typing.get_type_hints(klass)
     known = {f.name for f in fields(klass)}
-    unknown = sorted(str(k) for k in set(data) - known)
+    unknown = sorted(shown(k) for k in set(data) - known)
     if unknown:
         raise ConfigError(f"{where} has unknown fields: {', '.join(unknown)}")
     return klass(**{name: _expect(value, hints[name], f"{where}.{name}") for name, value in data.items()})

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crc_train.config import DataConfig
-from crc_train.errors import DataError
+from crc_train.errors import DataError, shown
 
 __all__ = [
     "DataConfig",
@@ -225,7 +225,7 @@ def _npz_header(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> tuple[tuple[
     """(shape, dtype) of one member, from its .npy header alone."""
     member = f"{key}.npy"
     if key not in npz.files or member not in npz.zip.namelist():
-        found = ", ".join(sorted(npz.files)[:8]) or "nothing"
+        found = ", ".join(shown(k) for k in sorted(npz.files)[:8]) or "nothing"
         raise DataError(f"{path}: no array {key!r} (found: {found}); is it a MedMNIST npz file?")
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:

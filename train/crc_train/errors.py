@@ -5,7 +5,7 @@ Torch-free, so the CLI can catch them without importing the training stack.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "DivergedError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DivergedError", "UserError", "shown"]
 
 
 class UserError(Exception):
@@ -26,3 +26,10 @@ class CheckpointError(UserError):
 
 class DivergedError(UserError):
     """The training loss (or the validation loss) became NaN or infinite: training cannot go on."""
+
+
+def shown(name: object) -> str:
+    """A name read from a file or a folder listing, fit for a one-line message: as it is, or its repr
+    when it holds a line break, another control character or an undecodable byte."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)

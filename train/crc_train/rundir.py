@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from crc_train.config import RunConfig, section_from_dict
-from crc_train.errors import CheckpointError, ConfigError, UserError
+from crc_train.errors import CheckpointError, ConfigError, UserError, shown
 from crc_train.model import FusionNet, ModelConfig, build_model
 
 __all__ = [
@@ -185,9 +185,11 @@ def check_run_dir(run_dir: str | Path, overwrite: bool) -> None:
         return
     foreign = [n for n in names if not _is_run_file(n) or (run_dir / n).is_dir()]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+        names = ", ".join(map(shown, foreign[:3])) + (
+            f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+        )
         raise RunDirError(
-            f"--out {run_dir} holds files crc-train did not write ({shown}); choose another --out "
+            f"--out {run_dir} holds files crc-train did not write ({names}); choose another --out "
             "(--overwrite only replaces a run dir's own files)"
         )
     if not overwrite:
@@ -497,11 +499,6 @@ def load_last(run_dir: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"cannot read {path}: {first}") from exc
-    if not isinstance(state, dict) or any(k not in state for k in LAST_KEYS):
-        raise CheckpointError(f"{path} is not a crc-train resume checkpoint")
-    if not _int(state["last_format"]) or state["last_format"] != LAST_FORMAT:
-        found = state["last_format"]
-        raise CheckpointError(f"{path} has last_format {found!r}; this crc-train reads {LAST_FORMAT}")
     check_last(state, path)
     return state
 
@@ -516,6 +513,13 @@ def check_last(state: dict[str, Any], path: str | Path) -> None:
         CheckpointError: one line naming ``path`` and the first field that is wrong.
     """
     where = str(path)
+    if not isinstance(state, dict) or any(k not in state for k in LAST_KEYS):
+        missing = [k for k in LAST_KEYS if k not in state] if isinstance(state, dict) else []
+        detail = f": missing {', '.join(missing)}" if missing else ""
+        raise CheckpointError(f"{where} is not a crc-train resume checkpoint{detail}")
+    if not _int(state["last_format"]) or state["last_format"] != LAST_FORMAT:
+        found = state["last_format"]
+        raise CheckpointError(f"{where} has last_format {found!r}; this crc-train reads {LAST_FORMAT}")
     cfg = _config(state["config"], f"{where}: config")
     if not isinstance(state["run_id"], str):
         raise _bad(where, "run_id", "a string", state["run_id"])
