@@ -74,7 +74,7 @@ def train_and_evaluate(root: Path, run_dir: Path, fusion: str, args: argparse.Na
         ),
     )
     t0 = time.perf_counter()
-    train(cfg)
+    train(cfg, overwrite=True)  # a rerun with the same --out WORK_DIR trains afresh
     seconds = time.perf_counter() - t0
     metrics = evaluate_run(run_dir)
     return {**metrics, "train_seconds": seconds}

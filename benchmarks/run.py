@@ -47,12 +47,12 @@ def build_bundle(work: Path, backbone: str, size: int, trt: bool) -> tuple[Path,
     run_dir, bundle = work / "run", work / "bundle"
     # python -m, not the console scripts: the harness also runs from a checkout that is not installed
     # (PYTHONPATH=train:export:runtime, as benchmarks/gpu_check.sh does on a borrowed GPU machine).
-    if not (run_dir / "checkpoint.pt").is_file():
+    if not (run_dir / "checkpoint.pt").is_file():  # --overwrite: an interrupted earlier try is replaced
         subprocess.run(
             [sys.executable, "-m", "crc_train.cli", "--data-source", "synthetic", "--data-root",
              str(work / "data"), "--size", str(size), "--backbone", backbone, "--epochs", "1",
              "--max-train-pairs", "16", "--batch-size", "16", "--device", "cpu", "--no-evaluate", "--quiet",
-             "--out", str(run_dir)],
+             "--overwrite", "--out", str(run_dir)],
             check=True,
         )  # fmt: skip
     if not (bundle / "manifest.json").is_file():
