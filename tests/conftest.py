@@ -49,4 +49,3 @@ def clone_run(tmp_path: Path) -> Callable[[Path], Path]:
     """
     count = iter(range(1000))
     return lambda src: _clone(Path(src), tmp_path / f"run-{next(count)}")
-

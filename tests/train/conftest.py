@@ -35,4 +35,3 @@ def small_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     )
     train(cfg)
     return out
-
