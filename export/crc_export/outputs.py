@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from crc_runtime.bundle import MANIFEST_NAME
+from crc_runtime.bundle import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from crc_runtime.errors import UserError, printable
 
 __all__ = ["bundle_problem", "check_output_folder", "writing"]
@@ -31,6 +31,8 @@ def bundle_problem(folder: Path) -> str | None:
     if not manifest_path.is_file():
         return f"no {MANIFEST_NAME}"
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return f"{MANIFEST_NAME} is larger than any manifest crc-export writes"
         manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return f"{MANIFEST_NAME} is not readable JSON"
