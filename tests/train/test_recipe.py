@@ -16,12 +16,8 @@ import torch
 from click.testing import CliRunner
 from crc_train.cli import cli
 from crc_train.config import PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from crc_train.rundir import RUN_FILES
 from crc_train.training import train
-
-RUN_FILES = (
-    "config.json", "checkpoint.pt", "last.pt", "metrics.csv", "metrics.json", "test_predictions.npz",
-    "training_curves.png", "report.md", "confusion_matrix.png", "roc_curves.png", "tsne.png",
-)  # fmt: skip
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -53,8 +49,8 @@ def none_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_recipe_early_stopping_plateau_and_best_checkpoint(none_run: Path) -> None:
     run = none_run
-    for name in RUN_FILES:
-        assert (run / name).is_file(), name
+    # Every file a finished run holds is one crc-train knows as its own (--overwrite removes exactly these).
+    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES)
     metrics = json.loads((run / "metrics.json").read_text())
     rows = _rows(run)
     assert metrics["epochs_run"] == len(rows) and metrics["fusion"] == "none"
