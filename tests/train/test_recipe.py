@@ -135,7 +135,7 @@ def test_help_says_flags_override_the_preset() -> None:
     ("args", "expected"),
     [
         (["--loss", "focal"], "focal"),
-        (["--accumulation-steps", "0"], "accumulation steps must be >= 1"),
+        (["--accumulation-steps", "0"], "--accumulation-steps must be >= 1"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
         (["--patience", "0"], "patience must be >= 1"),
         (["--resume", "/nonexistent/run", "--lr", "0.1"], "drop --lr"),
