@@ -1,8 +1,9 @@
 """The data: PathMNIST + OrganAMNIST npz files, checked on load and paired, and the synthetic stand-in.
 
-The npz files are MedMNIST's (names, keys, layout; ``--download`` fetches them from medmnist's URLs with
-its checksums) and are read with ``allow_pickle=False``; ``read_npz_split`` checks every array (dtype,
-shape, channels, size, label range and count) and refuses anything else in one line.
+The npz files are read (and, with ``--download``, fetched) by the medmnist package's own dataset classes;
+``read_npz_split`` first checks every array's header (keys, dtype, shape, channels, size, label count; an
+object array is refused before anything unpickles it) and then the labels' range, and refuses anything
+else in one line naming the file and the key.
 
 The pairing is synthetic (the two datasets come from different patients): within each split, pathology
 sample i gets radiology sample perm[i mod M], perm a seeded permutation of the M radiology samples of
@@ -13,7 +14,7 @@ npz format, so the whole pipeline (training, export, runtime) runs without the r
 images are learnable but not trivially so: pathology classes differ by hue *and* stripe frequency /
 orientation, with hue jitter wide enough that neighbouring classes overlap in colour, random stripe phase
 and pixel noise. Radiology images are gray blobs whose position and size depend on one of 11 organ
-classes. They are read back like the real data.
+classes. They are read back through the medmnist package like the real data.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crc_train.config import DataConfig
-from crc_train.errors import DataError, shown
+from crc_train.errors import DataError, first_line, shown
 
 __all__ = [
     "DataConfig",
@@ -122,27 +123,9 @@ def _missing_message(root: Path, size: int) -> str:
 def _read(flag: str, cfg: DataConfig, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of one MedMNIST file's split, downloaded first with ``cfg.download``."""
     path = root / f"{flag}{size_flag(cfg.size)}.npz"
-    if cfg.download:
-        _download(flag, cfg.size, root)
-    if not path.is_file():
+    if not cfg.download and not path.is_file():
         raise DataError(_missing_message(root, cfg.size))
-    return read_npz_split(path, flag, split, cfg.size, mmap=cfg.mmap)
-
-
-def _download(flag: str, size: int, root: Path) -> None:
-    """Fetch ``{flag}{_size}.npz`` from MedMNIST's URL, md5-checked (kept when already there and intact).
-
-    The same call medmnist's own ``download`` makes, without loading the arrays afterwards.
-    """
-    import medmnist
-    from torchvision.datasets.utils import download_url
-
-    info, flag_size = medmnist.INFO[flag], size_flag(size)
-    name = f"{flag}{flag_size}.npz"
-    try:
-        download_url(url=info[f"url{flag_size}"], root=str(root), filename=name, md5=info[f"MD5{flag_size}"])
-    except Exception as exc:  # noqa: BLE001 - network, disk or checksum: one line, like medmnist's own
-        raise DataError(f"downloading {name} into {root} failed ({_first_line(exc)})") from exc
+    return read_npz_split(path, flag, split, cfg.size, mmap=cfg.mmap, download=cfg.download)
 
 
 #: What each MedMNIST file must hold: modality, number of classes, channels (None = gray N x S x S).
@@ -150,45 +133,74 @@ NPZ_FILES = {"pathmnist": ("pathology", 9, 3), "organamnist": ("radiology", 11, 
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def read_npz_split(
-    path: str | Path, flag: str, split: str, size: int, mmap: bool = False
+    path: str | Path, flag: str, split: str, size: int, mmap: bool = False, download: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One split of a MedMNIST npz file, every array checked against MedMNIST's layout before use.
+    """One split of a MedMNIST npz file, loaded by medmnist's own dataset class and checked.
 
-    Each array's header (dtype, shape) is read first, so an object array is refused without unpickling
-    anything (``allow_pickle=False`` throughout) and a float copy of a 224-px file is refused before it is
-    read. Then: images uint8 ``N x S x S x 3`` (pathology) or ``N x S x S`` / ``N x S x S x 1``
-    (radiology) at ``size``; labels of an integer type, ``N`` or ``N x 1``, as many as images, each in
-    ``0 .. classes - 1``.
+    Before medmnist reads the arrays, their headers (dtype, shape) are checked, so an object array is
+    refused without unpickling anything (and medmnist loads with numpy's ``allow_pickle=False`` anyway)
+    and a float copy of a 224-px file is refused before it is read: images uint8 ``N x S x S x 3``
+    (pathology) or ``N x S x S`` / ``N x S x S x 1`` (radiology) at ``size``; labels of an integer type,
+    ``N`` or ``N x 1``, as many as images. After loading, every label must be in ``0 .. classes - 1``.
+    The class's ``.imgs`` / ``.labels`` are used, never its ``__len__`` (it asserts the official counts).
 
     Args:
-        path: the npz file.
+        path: the npz file, named as medmnist names it (``{flag}{_size}.npz``).
         flag: "pathmnist" or "organamnist" (what the file must hold: ``NPZ_FILES``).
         split: "train", "val" or "test".
         size: the run's image side in pixels.
-        mmap: passed to ``np.load`` (numpy reads npz members into memory either way).
+        mmap: medmnist's ``mmap_mode="r"`` (numpy reads npz members into memory either way).
+        download: let medmnist fetch the file (md5-checked) when it is missing.
 
     Returns:
         (images, labels) as stored.
 
     Raises:
-        DataError: one line naming the file and the key that is wrong.
+        DataError: one line naming the file and the key that is wrong, or saying the download failed.
     """
+    import medmnist
+
     path = Path(path)
-    modality, n_classes, channels = NPZ_FILES[flag]
+    cls = {"pathmnist": medmnist.PathMNIST, "organamnist": medmnist.OrganAMNIST}[flag]
+    if path.is_file():  # a file about to be downloaded is checked once medmnist has fetched it
+        _check_headers(path, flag, split, size)
+    try:
+        mmap_mode = "r" if mmap else None
+        ds = cls(split=split, root=str(path.parent), size=size, download=download, mmap_mode=mmap_mode)
+        images, labels = ds.imgs, ds.labels
+    except RuntimeError as exc:  # medmnist: the file is missing, or its download / md5 check failed
+        if download:
+            reason = first_line(exc)
+            raise DataError(f"downloading {path.name} into {path.parent} failed ({reason})") from None
+        raise DataError(_missing_message(path.parent, size)) from None
+    except (*_READ_ERRORS, KeyError) as exc:  # a damaged member (bad CRC, truncated deflate stream)
+        _check_headers(path, flag, split, size)  # names the key when a header is at fault
+        raise DataError(f"{path}: {split} arrays cannot be read ({first_line(exc)})") from None
+    if download:
+        _check_headers(path, flag, split, size)
+    n_classes = NPZ_FILES[flag][1]
+    flat = np.asarray(labels).reshape(-1)
+    outside = (flat < 0) | (flat >= n_classes)
+    if outside.any():
+        raise DataError(
+            f"{path}: {split}_labels holds label {flat[outside][0]}; {flag} has {n_classes} classes "
+            f"(0..{n_classes - 1})"
+        )
+    return images, labels
+
+
+def _check_headers(path: Path, flag: str, split: str, size: int) -> None:
+    """Keys, dtypes and shapes of one split's arrays, from their .npy headers alone (no data read)."""
+    modality, _n_classes, channels = NPZ_FILES[flag]
     not_npz = f"{path}: not an npz archive (MedMNIST's zip of {split}_images, {split}_labels, ...)"
     try:
         with path.open("rb") as fh:
             if fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # numpy would try it as .npy or pickle
                 raise DataError(not_npz)
-        npz = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        npz = np.load(path, allow_pickle=False)
     except _READ_ERRORS as exc:
-        raise DataError(f"{path}: not a readable npz file ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable npz file ({first_line(exc)})") from None
     with npz:
         img_key, label_key = f"{split}_images", f"{split}_labels"
         img_shape, img_dtype = _npz_header(npz, path, img_key)
@@ -211,14 +223,8 @@ def read_npz_split(
                 f"{path}: {label_key} has shape {label_shape}, expected one label per image "
                 f"({img_shape[0]} x 1, as {img_key} holds {img_shape[0]} images)"
             )
-        labels = _npz_array(npz, path, label_key)
-        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-            bad = labels.reshape(-1)[(labels.reshape(-1) < 0) | (labels.reshape(-1) >= n_classes)][0]
-            raise DataError(
-                f"{path}: {label_key} holds label {bad}; {flag} has {n_classes} classes (0..{n_classes - 1})"
-            )
-        images = _npz_array(npz, path, img_key)
-    return images, labels
+        for key in (img_key, label_key):  # a damaged member: zip's CRC check names it
+            _npz_array(npz, path, key)
 
 
 def _npz_header(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -235,7 +241,7 @@ def _npz_header(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> tuple[tuple[
                 raise DataError(f"{path}: {key} is not a plain array (npy format 1.0 or 2.0)")
             shape, _fortran, dtype = reader(fh)
     except _READ_ERRORS as exc:
-        raise DataError(f"{path}: {key} is not a readable array ({_first_line(exc)})") from None
+        raise DataError(f"{path}: {key} is not a readable array ({first_line(exc)})") from None
     if dtype.hasobject:
         raise DataError(f"{path}: {key} is an object array; refused (reading it would unpickle code)")
     return tuple(shape), dtype
@@ -245,7 +251,7 @@ def _npz_array(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
     try:
         return npz[key]
     except _READ_ERRORS as exc:  # a damaged member (bad CRC, truncated deflate stream)
-        raise DataError(f"{path}: {key} cannot be read ({_first_line(exc)})") from None
+        raise DataError(f"{path}: {key} cannot be read ({first_line(exc)})") from None
 
 
 def pairing_permutation(pairing_seed: int, split: str, m: int) -> np.ndarray:

@@ -5,7 +5,7 @@ Torch-free, so the CLI can catch them without importing the training stack.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "DivergedError", "UserError", "shown"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DivergedError", "UserError", "first_line", "shown"]
 
 
 class UserError(Exception):
@@ -33,3 +33,9 @@ def shown(name: object) -> str:
     when it holds a line break, another control character or an undecodable byte."""
     text = str(name)
     return text if text.isprintable() else repr(text)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

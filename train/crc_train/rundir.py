@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from crc_train.config import RunConfig, section_from_dict
-from crc_train.errors import CheckpointError, ConfigError, UserError, shown
+from crc_train.errors import CheckpointError, ConfigError, UserError, first_line, shown
 from crc_train.model import FusionNet, ModelConfig, build_model
 
 __all__ = [
@@ -228,11 +228,6 @@ REQUIRED_KEYS = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` atomically: a temp file in the same folder, then ``os.replace``."""
     path = Path(path)
@@ -243,7 +238,7 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     except (RuntimeError, OSError) as exc:  # torch reports a full disk as "basic_ios::clear: iostream error"
         free = shutil.disk_usage(path.parent).free / 2**20
         raise CheckpointError(
-            f"cannot write checkpoint {path}: {_first_line(exc)} ({free:.0f} MiB free on that disk)"
+            f"cannot write checkpoint {path}: {first_line(exc)} ({free:.0f} MiB free on that disk)"
         ) from exc
 
 
@@ -259,9 +254,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     check_checkpoint(ckpt, path)
     return ckpt
 
