@@ -9,6 +9,9 @@ Module layout (the FP16 exporter relies on these names):
   fusion is "attention").
 - ``model.head``: dropout + linear.
 
+Explanations: the head is linear on the average-pooled final maps, so ``forward_cams`` splits every
+logit exactly into one class activation map per branch plus the bias (DESIGN.md, "Explanations").
+
 Transfer learning (``load_pretrained``): torchvision ImageNet weights (or a saved torchvision state dict)
 into each branch. Stem adaptation, stated once:
 
@@ -144,6 +147,12 @@ def _stem(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.maxpool(net.relu(net.bn1(net.conv1(x))))
 
 
+def _trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Stem and the four stages of one ResNet: its final (layer4) map."""
+    x = _stem(net, x)
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
 def _pool(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(net.avgpool(x), 1)
 
@@ -179,15 +188,25 @@ class FusionNet(nn.Module):
         self.branch_dim = width
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.embed_dim, cfg.num_classes))
 
-    def forward_features(self, pathology: torch.Tensor, radiology: torch.Tensor) -> torch.Tensor:
-        """Fused embedding [N, embed_dim] from uint8 NHWC pathology [N,S,S,3] and radiology [N,S,S,1]."""
-        p, r = self.preprocess(pathology, radiology)
-        if self.fusion == "none":
-            # The baseline ignores radiology, but keeps it in the graph (times exactly 0, finite inputs)
-            # so every exported model has the same two inputs.
-            return self.pathology(p) + 0.0 * r[:, 0, 0, :1]
+    @property
+    def branch_names(self) -> list[str]:
+        """Names of the final maps in embedding order (the keys of ``forward_maps`` / ``forward_cams``)."""
+        return list(self._nets())
+
+    def _nets(self) -> dict[str, nn.Module]:
+        """The ResNet that makes each final map, by the map's name (see ``forward_maps``)."""
         if self.fusion == "early":
-            return self.pathology(torch.cat([p, r], dim=1))
+            return {"fused": self.pathology}
+        if self.radiology is None:
+            return {"pathology": self.pathology}
+        return {"pathology": self.pathology, "radiology": self.radiology}
+
+    def _maps(self, p: torch.Tensor, r: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Final maps from preprocessed NCHW inputs; see ``forward_maps``."""
+        if self.fusion == "none":
+            return {"pathology": _trunk(self.pathology, p)}
+        if self.fusion == "early":
+            return {"fused": _trunk(self.pathology, torch.cat([p, r], dim=1))}
         r = r.expand(-1, 3, -1, -1)  # gray -> 3 channels for a stock ResNet branch
         p, r = _stem(self.pathology, p), _stem(self.radiology, r)
         p, r = self.pathology.layer1(p), self.radiology.layer1(r)
@@ -198,7 +217,31 @@ class FusionNet(nn.Module):
         p, r = self.pathology.layer4(p), self.radiology.layer4(r)
         if self.fusion4 is not None:
             p, r = self.fusion4(p, r)
-        return torch.cat([_pool(self.pathology, p), _pool(self.radiology, r)], dim=1)
+        return {"pathology": p, "radiology": r}
+
+    def _pooled(self, maps: dict[str, torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+        """The fused embedding: each map average-pooled, concatenated in ``maps`` order."""
+        nets = self._nets()
+        pooled = torch.cat([_pool(nets[name], fmap) for name, fmap in maps.items()], dim=1)
+        if self.fusion == "none":
+            # The baseline ignores radiology, but keeps it in the graph (times exactly 0, finite inputs)
+            # so every exported model has the same two inputs.
+            pooled = pooled + 0.0 * r[:, 0, 0, :1]
+        return pooled
+
+    def forward_maps(self, pathology: torch.Tensor, radiology: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The final layer4 maps the head pools, [N, branch_dim, h, w] each, in embedding order.
+
+        Keys: ``pathology`` and ``radiology`` (fusion attention: after the second cross-modal block;
+        late), ``pathology`` alone (none), ``fused`` (early: one 4-channel ResNet sees both images, so
+        its map belongs to neither modality).
+        """
+        return self._maps(*self.preprocess(pathology, radiology))
+
+    def forward_features(self, pathology: torch.Tensor, radiology: torch.Tensor) -> torch.Tensor:
+        """Fused embedding [N, embed_dim] from uint8 NHWC pathology [N,S,S,3] and radiology [N,S,S,1]."""
+        p, r = self.preprocess(pathology, radiology)
+        return self._pooled(self._maps(p, r), r)
 
     def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] from the fused embedding (dropout + linear)."""
@@ -207,6 +250,44 @@ class FusionNet(nn.Module):
     def forward(self, pathology: torch.Tensor, radiology: torch.Tensor) -> torch.Tensor:
         """Logits float32 [N, num_classes] from uint8 NHWC pathology and radiology images."""
         return self.forward_head(self.forward_features(pathology, radiology))
+
+    def head_weights(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The linear head split by branch: ({map name: W [num_classes, branch_dim]}, bias [num_classes]).
+
+        The columns of the head's weight follow the embedding, which concatenates the pooled maps in
+        ``forward_maps`` order, so each branch owns one contiguous block of columns.
+        """
+        linear, width = self.head[-1], self.branch_dim
+        # Slices, not torch.split: the exported graph then needs no multi-output Split node.
+        split = {name: linear.weight[:, i * width : (i + 1) * width] for i, name in enumerate(self._nets())}
+        return split, linear.bias
+
+    def forward_cams(
+        self, pathology: torch.Tensor, radiology: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the class activation map of every branch the head reads.
+
+        ``CAM[b][n, c, x, y] = sum_k W_b[c, k] * F_b[n, k, x, y]`` with F_b the final map of branch b
+        (``forward_maps``) and W_b its block of the head's weight (``head_weights``). The head is
+        linear on the average-pooled maps, so for every class, exactly (up to float rounding)::
+
+            logits[:, c] = sum_b CAM[b][:, c].mean((-2, -1)) + bias[c]
+
+        in eval mode (in train mode dropout sits between the pooling and the linear layer).
+
+        Returns:
+            (logits [N, num_classes] computed as ``forward`` computes them, {map name: CAM
+            [N, num_classes, h, w]}).
+        """
+        p, r = self.preprocess(pathology, radiology)
+        maps = self._maps(p, r)
+        logits = self.forward_head(self._pooled(maps, r))
+        weights, _ = self.head_weights()
+        # A 1x1 convolution of the map with the class weights: the same op in torch and in ONNX.
+        cams = {
+            name: nn.functional.conv2d(fmap, weights[name][:, :, None, None]) for name, fmap in maps.items()
+        }
+        return logits, cams
 
 
 def build_model(cfg: ModelConfig, normalization: dict | None = None) -> FusionNet:
