@@ -27,13 +27,14 @@ TRAINING_KEYS = (
 EVAL_KEYS = (
     "macro_precision", "macro_recall", "per_class", "key_classes", "roc_auc_ovr", "roc_auc_ovo", "pr_auc",
     "confusion_matrix", "confusion_matrix_normalized", "ablation_accuracy", "ablation_macro_f1",
-    "ablation_seed", "test_sha256",
+    "ablation_seed", "modality_split", "gradcam_pairs", "test_sha256",
 )  # fmt: skip
 SECTIONS = (
     "## Table 5: overall test performance",
     "## Table 6: per-class performance (key classes first)",
     "## Confusion matrix",
     "## Modality ablation",
+    "## Explanations: how much each modality decided",
     "## Figures",
     "## Comparing two models",
 )
@@ -107,6 +108,27 @@ def test_report_has_tables_ablation_and_explanations(runs: dict) -> None:
         assert f"]({name})" in text
 
 
+def test_modality_split_summarises_the_exact_margins(runs: dict) -> None:
+    """The split is computed from the embedding; its mean margin must be the predictions' own margins:
+    log p[a] - log p[b] = logit[a] - logit[b] for the predicted class a and the runner-up b."""
+    m = runs["attention"]["eval"]
+    split = m["modality_split"]
+    assert split["available"] and split["n"] == 30
+    with np.load(runs["attention"]["dir"] / "test_predictions.npz", allow_pickle=False) as npz:
+        top2 = np.sort(np.log(npz["probs"].astype(np.float64)), axis=1)[:, -2:]
+    assert split["mean_margin"] == pytest.approx((top2[:, 1] - top2[:, 0]).mean(), abs=1e-4)
+    assert 0.0 <= split["mean_radiology_share"] <= 1.0 and sum(split["radiology_share_histogram"]) == 30
+    q = split["radiology_share_quantiles"]
+    assert q["q10"] <= q["q25"] <= q["q50"] <= q["q75"] <= q["q90"]
+    # One pair per class present in the test labels, the first of each, for the Grad-CAM figure.
+    with np.load(runs["attention"]["dir"] / "test_predictions.npz", allow_pickle=False) as npz:
+        labels = npz["labels"]
+    assert m["gradcam_pairs"] == [int(np.flatnonzero(labels == k)[0]) for k in sorted(set(labels.tolist()))]
+    text = (runs["attention"]["dir"] / "report.md").read_text()
+    assert f"| mean radiology share of the margin | {split['mean_radiology_share']:.3f} |" in text
+    assert "carries no information about the tile's class" in text and "Grad-CAM" in text
+
+
 def test_cli_evaluate_pathology_only_run_is_blind_to_radiology(
     runs: dict, capsys: pytest.CaptureFixture
 ) -> None:
@@ -118,6 +140,11 @@ def test_cli_evaluate_pathology_only_run_is_blind_to_radiology(
     m = json.loads((run_dir / "metrics.json").read_text())
     # --fusion none ignores radiology: shuffling it cannot change a single prediction
     assert m["ablation_accuracy"] == m["accuracy"] and m["fusion"] == "none"
+    assert m["modality_split"] == {
+        "available": False,
+        "reason": "fusion none: the model has no radiology branch",
+    }
+    assert "No modality split for this model: fusion none" in (run_dir / "report.md").read_text()
     assert m["accuracy"] == pytest.approx(runs["none"]["train"]["accuracy"])
 
 

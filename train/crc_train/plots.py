@@ -1,4 +1,4 @@
-"""The run's figures: training curves, confusion matrix, ROC curves, t-SNE of the fused features.
+"""The run's figures: training curves, confusion matrix, ROC curves, t-SNE, Grad-CAM of sample pairs.
 
 Drawn on ``matplotlib.figure.Figure`` objects (no pyplot, no global backend state) and saved
 atomically. Axes use the NCT-CRC-HE abbreviations (TUM, STR, ...) with the full names in the legend or
@@ -19,6 +19,7 @@ from crc_train.rundir import atomic_path
 __all__ = [
     "CURVES_PNG",
     "plot_confusion_matrix",
+    "plot_gradcam_grid",
     "plot_roc_curves",
     "plot_training_curves",
     "plot_tsne",
@@ -191,3 +192,56 @@ def _colours(n: int) -> list:
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_gradcam_grid(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One row per pair: each image with the Grad-CAM map of the predicted class drawn over it.
+
+    Args:
+        rows: per pair ``pathology`` uint8 [S, S, 3], ``radiology`` uint8 [S, S, 1], ``maps`` {branch:
+            [h, w]} (``pathology`` / ``radiology``, or ``fused``, drawn over both images), and
+            ``caption`` (a line of text for the row).
+        path: the PNG to write.
+        title: figure title.
+
+    Both branches of a pair share one colour scale (0 to the larger maximum), so the branch that
+    mattered less also looks darker; the map is stretched over the image (bilinear) at half opacity.
+    """
+    from matplotlib.figure import Figure
+
+    columns = _gradcam_columns(rows[0]["maps"]) if rows else []
+    fig = Figure(figsize=(2.2 * len(columns) + 0.5, 2.4 * len(rows) + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(max(1, len(rows)), max(1, len(columns)), squeeze=False))
+    for i, row in enumerate(rows):
+        vmax = max(float(np.max(m)) for m in row["maps"].values()) or 1.0
+        for j, (label, image_key, map_key) in enumerate(columns):
+            ax = axes[i, j]
+            image = row[image_key]
+            size = image.shape[0]
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255,
+                      extent=(0, size, size, 0))  # fmt: skip
+            if map_key is not None:
+                ax.imshow(row["maps"][map_key], cmap="viridis", vmin=0.0, vmax=vmax, alpha=0.5,
+                          interpolation="bilinear", extent=(0, size, size, 0))  # fmt: skip
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=9)
+        axes[i, 0].set_ylabel(row["caption"], fontsize=7, rotation=0, ha="right", va="center", labelpad=4)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def _gradcam_columns(maps: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(column title, image, map drawn over it) for the branches a model has."""
+    if "fused" in maps:
+        return [
+            ("pathology", "pathology", None),
+            ("fused map (both images)", "pathology", "fused"),
+            ("radiology", "radiology", None),
+            ("fused map (both images)", "radiology", "fused"),
+        ]
+    columns = [("pathology", "pathology", None), ("pathology Grad-CAM", "pathology", "pathology")]
+    if "radiology" in maps:
+        columns += [("radiology", "radiology", None), ("radiology Grad-CAM", "radiology", "radiology")]
+    return columns

@@ -151,6 +151,7 @@ RUN_FILES = (
     "confusion_matrix.png",
     "roc_curves.png",
     "tsne.png",
+    "gradcam.png",
 )
 
 
