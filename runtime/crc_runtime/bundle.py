@@ -167,7 +167,11 @@ class Bundle:
         ]
 
     def check_model(
-        self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], where: str | os.PathLike
+        self,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        where: str | os.PathLike,
+        declared_outputs: Sequence[dict] | None = None,
     ) -> None:
         """The manifest's inputs and outputs must be the model's own: names, dtypes, ranks, fixed sizes.
 
@@ -178,11 +182,14 @@ class Bundle:
             inputs: The model's inputs as the backend sees them (``backend.input_specs``).
             outputs: The model's outputs (``backend.output_specs``).
             where: The artifact file, named in the error.
+            declared_outputs: The outputs the artifact itself declares (the explain artifact lists its
+                own); None: the manifest's ``outputs``.
 
         Raises:
             BundleError: One line naming the first disagreement.
         """
-        for kind, declared, actual in (("input", self.inputs, inputs), ("output", self.outputs, outputs)):
+        declared_out = self.outputs if declared_outputs is None else declared_outputs
+        for kind, declared, actual in (("input", self.inputs, inputs), ("output", declared_out, outputs)):
             model = {spec.name: spec for spec in actual}
             wanted = {spec["name"]: spec for spec in declared}
             if set(model) != set(wanted):
@@ -214,6 +221,15 @@ class Bundle:
                 f"{where}: model gives logits {list(logits.shape)} but the manifest lists "
                 f"{len(self.classes)} classes; {_REEXPORT}"
             )
+
+    def load_arrays(self, name: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The arrays ``keys`` of the listed .npz file ``name``, read as reference.npz is (headers
+        checked first, no pickle).
+
+        Raises:
+            BundleError: One line naming the file and what is wrong.
+        """
+        return _read_npz(self.file(name), keys)
 
     def load_reference(self) -> dict[str, np.ndarray]:
         """The parity set from reference.npz, checked against the manifest.
@@ -524,6 +540,14 @@ _ARTIFACT = _object(
         "engine": _nullable(_ENGINE),
         "timing_cache": _plain_name,
         "graph": _any,
+        # The explain artifact (docs/bundle.md): its branches, its own outputs, its reference maps.
+        "branches": _list(STRING, "a non-empty list of branch names", min_items=1),
+        "outputs": _list(
+            _object({"name": STRING, "dtype": _DTYPE, "shape": _SHAPE}),
+            "a non-empty list of output specs",
+            min_items=1,
+        ),
+        "reference": _plain_name,
     },
 )
 

@@ -76,6 +76,7 @@ class RunOptions:
     cuda_graphs: bool
     tf32: bool
     workers: int | None
+    explain_dir: Path | None
     report: Path | None
     threads: int | None
     quiet: bool
@@ -112,6 +113,15 @@ class RunOptions:
     help="Decode threads (default: one per core, at most 8; 0 decodes on the main thread). At most "
     "3 x batch size decoded pairs are held at once.",
 )
+@click.option(
+    "--explain",
+    "explain_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also explain every prediction: per pair an overlay PNG of each branch's class activation map "
+    "in this folder, and the margin split by modality in the predictions (runs model.explain.onnx on "
+    "onnxruntime; docs/runtime.md).",
+)
 @REPORT
 @THREADS
 @QUIET
@@ -138,8 +148,9 @@ def run_command(**options) -> None:
 def _run_folder(opts: RunOptions) -> FolderRun:
     """Open the bundle on its backend, stream the folder through it, write predictions and the report."""
     from .bundle import MANIFEST_NAME, load_bundle, sha256_file
+    from .explain import ExplainWriter
     from .pairs import discover_pairs
-    from .predict import prediction_columns, prediction_row
+    from .predict import default_workers, prediction_columns, prediction_row
     from .predictions import PredictionWriter, check_outputs
     from .predictor import Predictor
     from .run_summary import FolderRun
@@ -162,22 +173,38 @@ def _run_folder(opts: RunOptions) -> FolderRun:
         threads=opts.threads,
         cuda_graphs=opts.cuda_graphs,
         tf32=opts.tf32,
+        explain=opts.explain_dir is not None,
     ) as predictor:
         run_key = {
             "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
             "artifact": predictor.artifact["file"],
         }
-        writer = PredictionWriter(output, prediction_columns(bundle.classes), opts.resume, run_key)
-        todo = sum(pair.id not in writer.done_ids for pair in pairset.pairs)
-        with _keeping_rows(writer), progress(todo, opts.quiet, "predicting") as advance:
-            result = predictor.predict_folder(
-                pairset,
-                skip_ids=writer.done_ids,
-                on_batch=lambda preds: writer.write_rows(prediction_row(p, bundle.classes) for p in preds),
-                workers=opts.workers,
-                keep_predictions=False,  # rows stream to the writer: memory stays flat
-                on_progress=advance,
+        explainer = None
+        if predictor.explain is not None:
+            workers = default_workers() if opts.workers is None else opts.workers
+            explainer = ExplainWriter(
+                opts.explain_dir, bundle, predictor.explain, dict(predictor.plan), workers, pairset.confined
             )
+            explainer.check_targets(pairset.pairs, [*bundle.paths(), *pairset.paths(), output])
+        columns = prediction_columns(bundle.classes, explainer.columns if explainer else ())
+        writer = PredictionWriter(output, columns, opts.resume, run_key)
+        todo = sum(pair.id not in writer.done_ids for pair in pairset.pairs)
+        try:
+            with _keeping_rows(writer), progress(todo, opts.quiet, "predicting") as advance:
+                result = predictor.predict_folder(
+                    pairset,
+                    skip_ids=writer.done_ids,
+                    on_batch=lambda preds: writer.write_rows(
+                        prediction_row(p, bundle.classes) for p in preds
+                    ),
+                    workers=opts.workers,
+                    keep_predictions=False,  # rows stream to the writer: memory stays flat
+                    on_progress=advance,
+                    explainer=explainer,
+                )
+        finally:
+            if explainer is not None:
+                explainer.close()
     if not result.processed and not result.resumed:
         writer.discard()
         first = result.skipped[0] if result.skipped else None
@@ -195,7 +222,7 @@ def _run_folder(opts: RunOptions) -> FolderRun:
     report = folder_run_report(result, predictor)
     if opts.report is not None:
         _write_report(opts.report, report)
-    return FolderRun(result, predictor, pairset, writer, report, output, opts.report, opts.resume)
+    return FolderRun(result, predictor, pairset, writer, report, output, opts.report, opts.resume, explainer)
 
 
 @contextlib.contextmanager

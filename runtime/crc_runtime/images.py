@@ -295,10 +295,37 @@ def conform_image(
     return _conform(image, color_mode, size, name)
 
 
+def decode_image(
+    path: str | os.PathLike,
+    color_mode: str,
+    max_pixels: int = MAX_PIXELS,
+    confined: Confined | None = None,
+) -> Image.Image:
+    """Decode an image and convert it to ``color_mode`` as :func:`load_image` does (same refusals, same
+    confinement), at its own size: the image an explanation overlay is drawn on.
+
+    Raises:
+        ImageError: One line naming the file and what is wrong; ``kind`` is the summary's category.
+    """
+    if color_mode not in CHANNELS:
+        raise ValueError(f"color_mode must be one of {sorted(CHANNELS)}, got {color_mode!r}")
+    return _convert(_decode(_open(path, confined), path, max_pixels), color_mode, path)
+
+
+def _convert(img: Image.Image, color_mode: str, path: str | os.PathLike) -> Image.Image:
+    """The conversion policy of the module docstring, its failures as :class:`ImageError`."""
+    try:
+        return to_mode(img, color_mode, path)
+    except (OSError, ValueError) as exc:  # Pillow's "conversion not supported" and the like
+        raise ImageError(
+            f"{path}: cannot convert to {color_mode} ({_why(exc)})", "unsupported mode"
+        ) from None
+
+
 def _conform(img: Image.Image, color_mode: str, size: int, path: str | os.PathLike) -> np.ndarray:
     """Convert a decoded image to ``color_mode`` and apply the resize rule; ``[size, size, C]`` uint8."""
+    converted = _convert(img, color_mode, path)
     try:
-        converted = to_mode(img, color_mode, path)
         if converted.size != (size, size):
             converted = converted.resize((size, size), Image.Resampling.BILINEAR)
         array = np.asarray(converted, dtype=np.uint8)

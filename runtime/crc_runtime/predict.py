@@ -7,7 +7,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from .images import CHANNELS, load_image
 from .pairs import Pair, PairSet, Skip, label_index
 
 if TYPE_CHECKING:
+    from .explain import ExplainWriter
     from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Prediction:
     probs: np.ndarray
     predicted: int
     label: int | None
+    extra: list[str] = field(default_factory=list)  # cells of extra columns (the --explain margin split)
 
 
 @dataclass
@@ -98,13 +100,15 @@ def input_plan(bundle: Bundle) -> list[tuple[str, str]]:
     return plan
 
 
-def check_backend(bundle: Bundle, backend: Backend) -> None:
-    """The manifest's inputs and outputs must be the model's own (:meth:`Bundle.check_model`).
+def check_backend(bundle: Bundle, backend: Backend, artifact: dict | None = None) -> None:
+    """The manifest's inputs and outputs must be the model's own (:meth:`Bundle.check_model`); an
+    ``artifact`` that declares its own ``outputs`` (the explain graph) is checked against those.
 
     Raises:
         BundleError: One line naming the first disagreement.
     """
-    bundle.check_model(backend.input_specs, backend.output_specs, bundle.path)
+    declared = (artifact or {}).get("outputs")
+    bundle.check_model(backend.input_specs, backend.output_specs, bundle.path, declared)
 
 
 def _decode(
@@ -133,6 +137,7 @@ def run_inference(
     keep_predictions: bool = True,
     on_progress: Callable[[int], None] | None = None,
     decode: Callable[[Any], dict[str, np.ndarray]] | None = None,
+    explainer: ExplainWriter | None = None,
 ) -> InferenceResult:
     """Decode, batch and run every pair; undecodable pairs and unknown labels are skipped with a reason.
 
@@ -163,6 +168,9 @@ def run_inference(
             Items need an ``id`` and a ``label``; whole-slide runs pass tiles and their tile reader
             (:mod:`crc_runtime.slide`). An :class:`ImageError` or ValueError skips the item; any other
             error ends the run.
+        explainer: With a predictor on the explain artifact (``Predictor(..., explain=True)``): writes
+            each batch's overlays right after the batch has run and puts its margin split in
+            ``Prediction.extra``, before ``on_batch`` sees the batch (folder runs: the items are pairs).
     """
     bundle, plan, batch_size = predictor.bundle, predictor.plan, predictor.batch_size
     if decode is None:
@@ -194,6 +202,13 @@ def run_inference(
             for (pair, label, _), probs, ok in zip(batch, out.probs, finite, strict=True)
             if ok
         ]
+        if explainer is not None and preds:
+            outputs = {name: value[finite] for name, value in {"logits": out.logits, **out.outputs}.items()}
+            explained = explainer.write_batch(
+                [b[0] for b, ok in zip(batch, finite, strict=True) if ok], outputs
+            )
+            for p, cells in zip(preds, explained, strict=True):
+                p.extra = cells
         result.processed += len(preds)
         for p in preds:
             if p.label is not None:
@@ -266,13 +281,13 @@ def column_names(classes: list[str]) -> list[str]:
     return names
 
 
-def prediction_columns(classes: list[str]) -> list[str]:
-    """The predictions.csv header: id, predicted, prob_<class>..., label, correct."""
-    return ["id", "predicted", *column_names(classes), "label", "correct"]
+def prediction_columns(classes: list[str], extra: Sequence[str] = ()) -> list[str]:
+    """The predictions.csv header: id, predicted, prob_<class>..., the ``extra`` columns, label, correct."""
+    return ["id", "predicted", *column_names(classes), *extra, "label", "correct"]
 
 
 def prediction_row(p: Prediction, classes: list[str]) -> list[str]:
     """One predictions.csv row (probabilities with 6 decimals; label and correct empty when unlabelled)."""
     label = "" if p.label is None else classes[p.label]
     correct = "" if p.label is None else str(int(p.predicted == p.label))
-    return [p.id, classes[p.predicted], *(f"{x:.6f}" for x in p.probs), label, correct]
+    return [p.id, classes[p.predicted], *(f"{x:.6f}" for x in p.probs), *p.extra, label, correct]

@@ -6,6 +6,10 @@
         result = predictor.predict("tile.png", "ct_slice.png")
         print(result.predicted[0], result.probs[0].max())
 
+``Predictor("bundle", explain=True)`` runs the bundle's explain graph instead: the same logits, and in
+``Predictions.outputs`` each branch's class activation maps and the head's bias
+(:func:`crc_runtime.explain.margin_split` splits each margin by modality; docs/runtime.md).
+
 ``predict`` takes paths, Pillow images or numpy uint8 arrays, one pair or a list of pairs (or a batch
 array ``[N, H, W, C]``), and decodes and resizes them with the same rules as ``crc-infer`` (Pillow
 BILINEAR to the bundle's size). ``crc-infer FOLDER`` is built on this class: its batches go through
@@ -18,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,7 @@ from .backends import Selection, open_backend
 from .backends.base import Backend
 from .bundle import Bundle, load_bundle
 from .errors import UserError
+from .explain import check_explain_outputs, explain_artifact
 from .images import CHANNELS, conform_image, load_image
 from .pairs import PairSet
 from .predict import InferenceResult, check_backend, input_plan, run_inference, softmax
@@ -46,11 +51,14 @@ class Predictions:
         classes: Class names, in the column order of ``logits`` and ``probs``.
         logits: float32 ``[N, C]``, the model's output.
         probs: float64 ``[N, C]``, softmax of the logits (each row sums to 1).
+        outputs: The model's other outputs by name, batch first: with ``explain=True`` the maps
+            ``<branch>_cam`` ``[N, C, h, w]`` and ``bias`` ``[N, C]`` (docs/bundle.md); else empty.
     """
 
     classes: list[str]
     logits: np.ndarray
     probs: np.ndarray
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def indices(self) -> np.ndarray:
@@ -80,6 +88,8 @@ class Predictor:
         threads: onnxruntime intra-op threads (None: onnxruntime decides).
         cuda_graphs: Replay each batch size as a CUDA graph (``trt`` only).
         tf32: Let onnxruntime CUDA run FP32 math in TF32 (faster; reported as precision ``tf32``).
+        explain: Run the bundle's explain artifact (``model.explain.onnx``, onnxruntime only) so every
+            call also returns each branch's class activation maps (``Predictions.outputs``).
 
     Raises:
         UserError: The bundle is invalid or the backend cannot run here; one line saying why.
@@ -97,10 +107,23 @@ class Predictor:
         threads: int | None = None,
         cuda_graphs: bool = False,
         tf32: bool = False,
+        explain: bool = False,
     ) -> None:
         if int(batch_size) < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        #: The explain artifact's manifest entry (branches, outputs) when ``explain``, else None.
+        self.explain: dict | None = None
+        if explain:
+            self.explain = explain_artifact(self.bundle)
+            if backend == "trt":
+                raise UserError(
+                    f"--explain runs {self.explain['file']} on onnxruntime; use --backend auto, ort-cpu "
+                    "or ort-cuda"
+                )
+            if artifact is not None and artifact != self.explain["file"]:
+                raise UserError(f"--explain runs {self.explain['file']}; drop --artifact {artifact}")
+            artifact = self.explain["file"]
         self.batch_size = int(batch_size)
         self.plan = input_plan(self.bundle)
         t0 = time.perf_counter()
@@ -110,7 +133,11 @@ class Predictor:
         self.load_seconds = time.perf_counter() - t0  # opening the backend: session or engine load
         self.last_seconds = 0.0  # wall time of the last model call
         try:
-            check_backend(self.bundle, self.backend)
+            check_backend(self.bundle, self.backend, self.explain)
+            if self.explain is not None:
+                check_explain_outputs(
+                    self.explain, [s.name for s in self.backend.output_specs], self.bundle.path
+                )
         except BaseException:
             self.close()
             raise
@@ -173,6 +200,7 @@ class Predictor:
             self.classes,
             np.concatenate([p.logits for p in parts]),
             np.concatenate([p.probs for p in parts]),
+            {key: np.concatenate([p.outputs[key] for p in parts]) for key in parts[0].outputs},
         )
 
     def infer(self, inputs: dict[str, np.ndarray]) -> Predictions:
@@ -185,10 +213,12 @@ class Predictor:
         if not self.backend.active:
             raise UserError("this Predictor is closed; make a new one")
         t0 = time.perf_counter()
-        logits = self.backend.infer(inputs)["logits"]
+        outputs = self.backend.infer(inputs)
         self.last_seconds = time.perf_counter() - t0
+        logits = outputs["logits"]
         self.bundle.check_logits(logits, self.bundle.path)
-        return Predictions(self.classes, logits, softmax(logits))
+        others = {name: value for name, value in outputs.items() if name != "logits"}
+        return Predictions(self.classes, logits, softmax(logits), others)
 
     def predict_folder(self, pairset: PairSet, **options: Any) -> InferenceResult:
         """Stream the pairs of a folder (:func:`crc_runtime.pairs.discover_pairs`) through the model.

@@ -13,6 +13,7 @@ from .errors import printable
 from .timing import format_latency, format_latency_table, summarize, throughput
 
 if TYPE_CHECKING:
+    from .explain import ExplainWriter
     from .pairs import PairSet
     from .predict import InferenceResult
     from .predictions import PredictionWriter
@@ -33,6 +34,7 @@ class FolderRun:
         output: The predictions CSV.
         report_path: Where the report was written, if asked for.
         resume: Whether the run continued an earlier one.
+        explainer: What ``--explain`` wrote (None without it).
     """
 
     result: InferenceResult
@@ -43,6 +45,7 @@ class FolderRun:
     output: Path
     report_path: Path | None = None
     resume: bool = False
+    explainer: ExplainWriter | None = None
 
 
 def echo_run_summary(run: FolderRun) -> None:
@@ -91,6 +94,8 @@ def echo_run_summary(run: FolderRun) -> None:
         f"decode waits {result.decode_wait_seconds:.3f} s ({result.workers} decode workers)"
     )
     click.echo(f"predictions: {run.output}")
+    if run.explainer is not None:
+        _echo_explanations(run.explainer)
     if run.report_path is not None:
         click.echo(f"report: {run.report_path}")
 
@@ -138,3 +143,18 @@ def echo_slide_summary(job: SlideJob, predictor: Predictor, summary: dict, *, re
     value = "n/a (" + tsr.get("why_null", "") + ")" if tsr["value"] is None else f"{tsr['value']:.3f}"
     click.echo(f"tissue: {summary['tissue_area_mm2']:.3f} mm2; tumour-stroma ratio (stroma share): {value}")
     click.echo(f"outputs: {job.out}/ " + " ".join(summary["outputs"].values()))
+
+
+def _echo_explanations(explainer: ExplainWriter) -> None:
+    from .explain import IDENTITY_TOLERANCE
+
+    click.echo(
+        f"explanations: {explainer.written} overlay PNGs in {explainer.folder} "
+        f"({', '.join(explainer.branches)} per pair); margin split in the predictions"
+    )
+    if explainer.identity_failures:
+        click.echo(
+            f"warning: for {len(explainer.identity_failures)} pairs the branch terms miss the logit margin "
+            f"by more than {IDENTITY_TOLERANCE:g} (first: {explainer.identity_failures[0]}); see -v",
+            err=True,
+        )

@@ -10,6 +10,7 @@ import numpy as np
 from .backends import ENGINE_KIND, open_backend
 from .bundle import Bundle
 from .errors import BackendError, BundleError, UserError
+from .explain import EXPLAIN_KIND, explain_artifact, explain_parity, reference_cams
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,16 @@ def gate(metrics: dict, precision: str, thresholds: dict | None = None) -> tuple
 
 def run_reference(backend, ref: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """Logits of ``backend`` on the reference set's inputs, ``batch_size`` pairs per call."""
+    return run_reference_outputs(backend, ref, batch_size)["logits"]
+
+
+def run_reference_outputs(backend, ref: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Every output of ``backend`` on the reference set's inputs, ``batch_size`` pairs per call."""
     chunks = [
-        backend.infer({k: ref[k][i : i + batch_size] for k in REFERENCE_INPUTS})["logits"]
+        backend.infer({k: ref[k][i : i + batch_size] for k in REFERENCE_INPUTS})
         for i in range(0, len(ref["labels"]), batch_size)
     ]
-    return np.concatenate(chunks)
+    return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
 def parity_row(ref: dict[str, np.ndarray], logits: np.ndarray, precision: str, limits: dict) -> dict:
@@ -209,10 +215,11 @@ def validate_bundle(
     """Run every usable artifact on reference.npz and gate it; the others get a skipped row.
 
     ONNX artifacts run on onnxruntime where ``device`` says (``cpu``, ``cuda``, or ``auto``: CUDA when
-    it starts), always with TF32 off; TensorRT engines on the TensorRT backend when this machine can run
-    them (TensorRT, cuda-bindings, the GPU and release the engine was built for, and a device other than
-    ``cpu``), else they get a skipped row saying why (crc-export gated them on the machine that built
-    them). Each artifact is gated with the thresholds of :func:`artifact_thresholds`.
+    it starts), always with TF32 off, the explain graph too (its class activation maps are also checked:
+    :func:`crc_runtime.explain.explain_parity`); TensorRT engines on the TensorRT backend when this
+    machine can run them (TensorRT, cuda-bindings, the GPU and release the engine was built for, and a
+    device other than ``cpu``), else they get a skipped row saying why (crc-export gated them on the
+    machine that built them). Each artifact is gated with the thresholds of :func:`artifact_thresholds`.
 
     Args:
         bundle: The loaded bundle.
@@ -232,7 +239,7 @@ def validate_bundle(
     for art in bundle.artifacts:
         name, precision = art.get("file"), art.get("precision", "fp32")
         row = {"artifact": name, "precision": precision, "backend": "-", "passed": None, "reasons": []}
-        if art.get("kind") not in ("onnx", ENGINE_KIND):
+        if art.get("kind") not in ("onnx", EXPLAIN_KIND, ENGINE_KIND):
             row["reasons"] = [f"kind {art.get('kind')!r}: no backend for it in this runtime"]
         elif art.get("usable") is not True:
             recorded = "; ".join((art.get("parity") or {}).get("reasons") or []) or "no reason recorded"
@@ -253,10 +260,22 @@ def validate_bundle(
             else:
                 with selection.backend as backend:
                     # The check crc-infer runs make too: a bundle one refuses, the other refuses.
-                    bundle.check_model(backend.input_specs, backend.output_specs, bundle.path / name)
-                    logits = run_reference(backend, ref, batch_size)
+                    bundle.check_model(
+                        backend.input_specs, backend.output_specs, bundle.path / name, art.get("outputs")
+                    )
+                    outputs = run_reference_outputs(backend, ref, batch_size)
+                if art.get("kind") == EXPLAIN_KIND:  # its logits, its maps against PyTorch's, the identity
+                    parity = explain_parity(
+                        ref,
+                        reference_cams(bundle, art),
+                        outputs,
+                        explain_artifact(bundle)["branches"],
+                        limits,
+                    )
+                else:
+                    parity = parity_row(ref, outputs["logits"], precision, limits)
                 row.update(
-                    parity_row(ref, logits, precision, limits),
+                    parity,
                     backend=backend.name,
                     device=backend.device,
                     thresholds_source=source,

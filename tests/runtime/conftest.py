@@ -61,6 +61,32 @@ class Tiny:
         )
         return (feats @ self.weight + self.bias).astype(np.float32)
 
+    @property
+    def size(self) -> int:
+        """S, the side of the model's inputs."""
+        return SIZE
+
+    def cams(self, pathology: np.ndarray, radiology: np.ndarray) -> dict[str, np.ndarray]:
+        """The class activation maps of the explain graph (``build_explain_model``), by output name."""
+        return {
+            "pathology_cam": np.einsum("nhwk,kc->nchw", pathology.astype(np.float32), self.weight[:3]),
+            "radiology_cam": np.einsum("nhwk,kc->nchw", radiology.astype(np.float32), self.weight[3:]),
+        }
+
+
+def logit_nodes(logits: str = "logits") -> list:
+    """The tiny model's nodes from the uint8 inputs to ``logits`` (``p_f``, ``r_f``: the float inputs)."""
+    f32 = TensorProto.FLOAT
+    return [
+        helper.make_node("Cast", ["pathology"], ["p_f"], to=f32),
+        helper.make_node("Cast", ["radiology"], ["r_f"], to=f32),
+        helper.make_node("ReduceMean", ["p_f"], ["p_m"], axes=[1, 2], keepdims=0),
+        helper.make_node("ReduceMean", ["r_f"], ["r_m"], axes=[1, 2], keepdims=0),
+        helper.make_node("Concat", ["p_m", "r_m"], ["feat"], axis=1),
+        helper.make_node("MatMul", ["feat", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "B"], [logits]),
+    ]
+
 
 def build_model(path: Path, weight: np.ndarray, bias: np.ndarray, nan_below: float | None = None) -> None:
     """The tiny ONNX graph: inputs uint8 NHWC with a dynamic batch, output logits float32 [batch, 9].
@@ -69,15 +95,7 @@ def build_model(path: Path, weight: np.ndarray, bias: np.ndarray, nan_below: flo
     gets ``0 * sqrt(mean - nan_below)``); 256 makes every row NaN.
     """
     f32 = TensorProto.FLOAT
-    nodes = [
-        helper.make_node("Cast", ["pathology"], ["p_f"], to=f32),
-        helper.make_node("Cast", ["radiology"], ["r_f"], to=f32),
-        helper.make_node("ReduceMean", ["p_f"], ["p_m"], axes=[1, 2], keepdims=0),
-        helper.make_node("ReduceMean", ["r_f"], ["r_m"], axes=[1, 2], keepdims=0),
-        helper.make_node("Concat", ["p_m", "r_m"], ["feat"], axis=1),
-        helper.make_node("MatMul", ["feat", "W"], ["mm"]),
-        helper.make_node("Add", ["mm", "B"], ["logits" if nan_below is None else "clean"]),
-    ]
+    nodes = logit_nodes("logits" if nan_below is None else "clean")
     extra = []
     if nan_below is not None:
         nodes += [
@@ -410,3 +428,83 @@ def sigkill():
 def ctrl_c():
     """``ctrl_c(proc)``: Ctrl-C a started crc-infer, wait for it, return its stderr."""
     return _ctrl_c
+
+
+# ---- the explain artifact (model.explain.onnx) of the tiny model
+
+
+def build_explain_model(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
+    """The tiny model's explain graph: the same logits, plus per-branch class activation maps and bias.
+
+    The tiny model's "final maps" are the input pixels themselves, so CAM[c, y, x] = sum_k W[k, c] *
+    pixel[y, x, k] (a MatMul over the channel axis, transposed to [N, C, H, W]) and the mean of the
+    maps over y, x plus the bias is the logit, as in the real model.
+    """
+    f32 = TensorProto.FLOAT
+    nodes = [
+        *logit_nodes(),
+        helper.make_node("MatMul", ["p_f", "Wp"], ["p_cam"]),
+        helper.make_node("Transpose", ["p_cam"], ["pathology_cam"], perm=[0, 3, 1, 2]),
+        helper.make_node("MatMul", ["r_f", "Wr"], ["r_cam"]),
+        helper.make_node("Transpose", ["r_cam"], ["radiology_cam"], perm=[0, 3, 1, 2]),
+        helper.make_node("Shape", ["logits"], ["logits_shape"]),
+        helper.make_node("Expand", ["B", "logits_shape"], ["bias"]),
+    ]
+    c = len(CLASSES)
+    graph = helper.make_graph(
+        nodes,
+        "tiny-crc-explain",
+        [
+            helper.make_tensor_value_info("pathology", TensorProto.UINT8, ["batch", SIZE, SIZE, 3]),
+            helper.make_tensor_value_info("radiology", TensorProto.UINT8, ["batch", SIZE, SIZE, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", f32, ["batch", c]),
+            helper.make_tensor_value_info("pathology_cam", f32, ["batch", c, SIZE, SIZE]),
+            helper.make_tensor_value_info("radiology_cam", f32, ["batch", c, SIZE, SIZE]),
+            helper.make_tensor_value_info("bias", f32, ["batch", c]),
+        ],
+        initializer=[
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(bias, "B"),
+            numpy_helper.from_array(np.ascontiguousarray(weight[:3]), "Wp"),
+            numpy_helper.from_array(np.ascontiguousarray(weight[3:]), "Wr"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_explain(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle plus its explain artifact, as crc-export writes it (treat as read-only)."""
+    bundle = Path(shutil.copytree(tiny.bundle, tmp_path_factory.mktemp("tiny-explain") / "bundle"))
+    build_explain_model(bundle / "model.explain.onnx", tiny.weight, tiny.bias)
+    with np.load(bundle / "reference.npz") as ref:
+        np.savez(bundle / "reference.explain.npz", **tiny.cams(ref["pathology"], ref["radiology"]))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("model.explain.onnx", "reference.explain.npz"):
+        manifest["files"][name] = sha256_file(bundle / name)
+    manifest["artifacts"].append(
+        {
+            "file": "model.explain.onnx",
+            "kind": "explain",
+            "precision": "fp32",
+            "usable": True,
+            "branches": ["pathology", "radiology"],
+            "outputs": [
+                {"name": "logits", "dtype": "float32", "shape": ["batch", len(CLASSES)]},
+                *(
+                    {"name": f"{b}_cam", "dtype": "float32", "shape": ["batch", len(CLASSES), SIZE, SIZE]}
+                    for b in ("pathology", "radiology")
+                ),
+                {"name": "bias", "dtype": "float32", "shape": ["batch", len(CLASSES)]},
+            ],
+            "reference": "reference.explain.npz",
+            "parity": {"backend": "ort-cpu", "passed": True, "reasons": []},
+        }
+    )
+    write_manifest(bundle, manifest)
+    return bundle

@@ -213,7 +213,7 @@ def _open_ort(
     ort_device = name.removeprefix("ort-")
     prefer = ("fp16", "fp32") if ort_device == "cuda" else ("fp32",)
     art = _onnx_artifact(bundle, artifact, prefer)
-    if art.get("kind") != "onnx":
+    if art.get("kind") not in ("onnx", "explain"):  # the explain artifact is an ONNX graph too
         raise BackendError(
             f"{bundle.path / art['file']}: kind {art.get('kind')!r} has no backend on {name}; "
             "pass an ONNX artifact (--artifact model.onnx) or --backend trt"
