@@ -21,6 +21,7 @@ from crc_runtime.bundle import SCHEMA_VERSION, sha256_file, write_manifest
 from crc_runtime.errors import UserError
 from crc_runtime.validate import DEFAULT_THRESHOLDS
 
+from .explain import explain_artifact
 from .fp16 import FP16_FILE, export_fp16_onnx, precision_summary
 from .onnx import DEFAULT_OPSET, check_onnx, export_onnx
 from .outputs import bundle_problem, check_output_folder, writing
@@ -47,6 +48,7 @@ class ExportConfig:
     overwrite: bool = False  # replace an existing bundle folder (and an existing Triton repository)
     thresholds: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_THRESHOLDS)))
     fp16: bool = True  # also write model.fp16.onnx (needed by --trt)
+    explain: bool = True  # also write model.explain.onnx (crc-infer --explain) and reference.explain.npz
     fp16_device: str = (
         "auto"  # onnxruntime device for the FP16 parity run: auto (CUDA when present), cpu, cuda
     )
@@ -193,6 +195,7 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     image_size = int(ckpt["image_size"])
 
     names = ["model.onnx", "reference logits", "parity model.onnx"]
+    names += ["model.explain.onnx"] if cfg.explain else []
     names += ["model.fp16.onnx", "parity model.fp16.onnx"] if cfg.fp16 else []
     names += ["TensorRT engine"] if cfg.trt is not None else []
     names += ["manifest"] + (["Triton repository"] if cfg.triton is not None else [])
@@ -215,6 +218,21 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
 
             step("parity model.onnx")
             artifacts = [onnx_artifact(onnx_path, "fp32", ref, cfg.thresholds, cfg.batch_size)]
+            if cfg.explain:
+                step("model.explain.onnx")
+                artifacts.append(
+                    explain_artifact(
+                        model,
+                        work,
+                        image_size,
+                        ref,
+                        cfg.thresholds,
+                        exporter=cfg.exporter,
+                        opset=cfg.opset,
+                        batch_size=cfg.batch_size,
+                        weights_from=onnx_path if cfg.external_data else None,
+                    )
+                )
             if cfg.fp16:
                 step("model.fp16.onnx")
                 fp16_path = export_fp16_onnx(
@@ -236,8 +254,9 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
             files = [
                 "reference.npz",
                 *(a["file"] for a in artifacts),
-                *(name for a in artifacts for name in a.get("external_data", [])),
+                *{name: None for a in artifacts for name in a.get("external_data", [])},  # shared once
                 *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
+                *(a["reference"] for a in artifacts if "reference" in a),
             ]
             manifest = _manifest(
                 ckpt,

@@ -84,6 +84,13 @@ def _threshold_override(ctx, param, values):
     help="Write model.fp16.onnx (FP16 backbones; attention, softmax, normalisation, pooling, head FP32).",
 )
 @click.option(
+    "--explain/--no-explain",
+    default=True,
+    show_default=True,
+    help="Write model.explain.onnx (logits + each branch's class activation maps, for crc-infer --explain; "
+    "its weights are read from model.onnx.data) and reference.explain.npz.",
+)
+@click.option(
     "--fp16-device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
@@ -226,6 +233,7 @@ def export_command(run_dir, bundle, verbose, quiet, **opts):
         external_data=opts["onnx_weights"] == "external",
         overwrite=opts["overwrite"],
         fp16=opts["fp16"],
+        explain=opts["explain"],
         fp16_device=opts["fp16_device"],
         trt=trt,
         triton=opts["triton"],

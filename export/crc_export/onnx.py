@@ -37,6 +37,7 @@ def export_onnx(
     exporter: str = "dynamo",
     opset: int = DEFAULT_OPSET,
     external_data: bool = False,
+    output_names: tuple[str, ...] = OUTPUT_NAMES,
 ) -> Path:
     """Write ``model`` as an ONNX graph with a dynamic batch axis.
 
@@ -50,13 +51,14 @@ def export_onnx(
         opset: ONNX opset; at least 17.
         external_data: keep the weights in ``<file>.data`` beside the graph (see ``move_weights_out``)
             instead of inside the one file.
+        output_names: names of the forward's outputs, in order (every one has the batch axis first).
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     path = Path(path)
     model = model.eval()
     args = example_inputs(image_size)
-    common = dict(input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset)
+    common = dict(input_names=list(INPUT_NAMES), output_names=list(output_names), opset_version=opset)
     with torch.no_grad():
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
@@ -79,7 +81,7 @@ def export_onnx(
                 args,
                 str(path),
                 dynamo=False,
-                dynamic_axes={name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)},
+                dynamic_axes={name: {0: "batch"} for name in (*INPUT_NAMES, *output_names)},
                 do_constant_folding=True,
                 **common,
             )
@@ -124,8 +126,13 @@ def move_weights_out(path: str | Path) -> Path:
     return data
 
 
-def check_onnx(path: str | Path) -> None:
-    """Run ``onnx.checker`` (with shape inference) and confirm the I/O signature of the bundle contract."""
+def check_onnx(path: str | Path, output_names: tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Run ``onnx.checker`` (with shape inference) and confirm the I/O signature of the bundle contract.
+
+    Args:
+        path: the ONNX file.
+        output_names: the outputs the graph must start with (``logits`` for the predict graphs).
+    """
     import onnx
 
     # By path, so the checker reads external weights from beside the graph and has no 2 GB limit.
@@ -134,9 +141,9 @@ def check_onnx(path: str | Path) -> None:
     inputs = {i.name: i for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     missing = [name for name in INPUT_NAMES if name not in inputs]
-    if missing or outputs[: len(OUTPUT_NAMES)] != list(OUTPUT_NAMES):
+    if missing or outputs[: len(output_names)] != list(output_names):
         raise RuntimeError(
-            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {output_names}, "
             f"found {list(inputs)} and {outputs}"
         )
     for name in INPUT_NAMES:

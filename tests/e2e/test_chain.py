@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,19 @@ def test_train_export_infer_validate(tmp_path):
     assert accuracy == pytest.approx(manifest["reference"]["accuracy"])
     assert "accuracy" in infer.stdout and "p95" in infer.stdout
 
+    # --explain: the same predictions from the explain graph, margins that add up, two overlays per pair.
+    explained = tmp_path / "explained.csv"
+    args = ["--bundle", str(bundle), "--batch-size", "8", "--output", str(explained)]
+    run("crc-infer", str(tmp_path / "pairs"), *args, "--explain", str(tmp_path / "why"), cwd=tmp_path)
+    with open(explained, newline="") as f:
+        explained_rows = list(csv.DictReader(f))
+    assert [r["predicted"] for r in explained_rows] == [r["predicted"] for r in rows]
+    for r in explained_rows:
+        terms = sum(Decimal(r[k]) for k in ("margin_pathology", "margin_radiology", "margin_bias"))
+        assert terms == Decimal(r["margin"]) and Decimal(r["margin"]) >= 0
+    assert len(list((tmp_path / "why").glob("case*.pathology.png"))) == n
+    assert len(list((tmp_path / "why").glob("case*.radiology.png"))) == n
+
     validate = run("crc-infer", "validate", str(bundle), cwd=tmp_path)
-    assert "model.onnx" in validate.stdout
+    assert "model.onnx" in validate.stdout and "model.explain.onnx" in validate.stdout
     assert validate.stdout.strip().splitlines()[-1].startswith("PASSED")

@@ -21,7 +21,7 @@ from crc_train.rundir import load_checkpoint, model_from_checkpoint
 @pytest.fixture(scope="module")
 def bundle(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24, fp16=False))
+    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24, fp16=False, explain=False))
     assert result.passed
     return out
 
@@ -70,7 +70,7 @@ def test_fp32_weights_live_in_the_external_data_file(bundle):
 
 def test_embedded_weights_make_one_file(tiny_run, tmp_path):
     out = tmp_path / "embedded"
-    cfg = ExportConfig(parity_pairs=8, fp16=False, external_data=False)
+    cfg = ExportConfig(parity_pairs=8, fp16=False, external_data=False, explain=False)
     result = build_bundle(tiny_run, out, cfg)
     assert result.passed
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "reference.npz"]
@@ -131,7 +131,7 @@ def test_gate_fails_on_a_damaged_model(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "export_onnx", export_then_damage)
     out = tmp_path / "damaged"
-    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24, fp16=False))
+    result = build_bundle(tiny_run, out, ExportConfig(parity_pairs=24, fp16=False, explain=False))
     assert not result.passed
     (artifact,) = result.manifest["artifacts"]
     assert artifact["usable"] is False

@@ -123,7 +123,9 @@ def test_fp16_gate_fails_on_a_damaged_model(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "export_fp16_onnx", export_then_damage)
     out = tmp_path / "damaged"
-    result = CliRunner().invoke(export_command, [str(tiny_run), "-o", str(out), "--parity-pairs", "32"])
+    result = CliRunner().invoke(
+        export_command, [str(tiny_run), "-o", str(out), "--parity-pairs", "32", "--no-explain"]
+    )
     assert result.exit_code == 1, result.output
     assert "FAILED: model.fp16.onnx" in result.output
     manifest = _manifest(out)

@@ -30,7 +30,7 @@ from crc_export.triton import repository_problem
 
 
 def _export(*args: str):
-    return CliRunner().invoke(export_command, [*args, "--no-fp16", "--parity-pairs", "8"])
+    return CliRunner().invoke(export_command, [*args, "--no-fp16", "--no-explain", "--parity-pairs", "8"])
 
 
 def _one_line_error(result, *words: str) -> str:
