@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from crc_train.config import FUSIONS
-from crc_train.explain import branch_terms, grad_cam, margin_split, modality_summary
+from crc_train.explain import branch_terms, centre_branch, grad_cam, margin_split, modality_summary
 from crc_train.model import FusionNet, ModelConfig, build_model
 
 S = 28
@@ -121,3 +121,14 @@ def test_margin_split_and_summary() -> None:
     assert not modality_summary({**split, "fused": split.pop("pathology")})["available"]
     none = modality_summary({k: v for k, v in split.items() if k != "radiology"})
     assert not none["available"] and "no radiology branch" in none["reason"]
+
+
+def test_centring_a_branch_keeps_the_logits_and_moves_its_mean_to_the_bias() -> None:
+    rng = np.random.default_rng(0)
+    terms = {"pathology": rng.normal(size=(6, 4)), "radiology": rng.normal(size=(6, 4)) + 3.0}
+    bias = rng.normal(size=4)
+    centred, new_bias = centre_branch(terms, bias)
+    np.testing.assert_allclose(sum(centred.values()) + new_bias, sum(terms.values()) + bias)
+    np.testing.assert_allclose(centred["radiology"].mean(axis=0), 0.0, atol=1e-12)
+    assert centred["pathology"] is terms["pathology"]
+    assert centre_branch({"fused": terms["pathology"]}, bias) == ({"fused": terms["pathology"]}, bias)

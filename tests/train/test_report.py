@@ -125,7 +125,12 @@ def test_modality_split_summarises_the_exact_margins(runs: dict) -> None:
         labels = npz["labels"]
     assert m["gradcam_pairs"] == [int(np.flatnonzero(labels == k)[0]) for k in sorted(set(labels.tolist()))]
     text = (runs["attention"]["dir"] / "report.md").read_text()
-    assert f"| mean radiology share of the margin | {split['mean_radiology_share']:.3f} |" in text
+    specific = split["slice_specific"]
+    assert specific["available"] and specific["mean_margin"] == pytest.approx(split["mean_margin"])
+    assert (
+        f"| mean radiology share of the margin | {split['mean_radiology_share']:.3f} | "
+        f"{specific['mean_radiology_share']:.3f} |" in text
+    )
     assert "carries no information about the tile's class" in text and "Grad-CAM" in text
 
 
@@ -140,10 +145,8 @@ def test_cli_evaluate_pathology_only_run_is_blind_to_radiology(
     m = json.loads((run_dir / "metrics.json").read_text())
     # --fusion none ignores radiology: shuffling it cannot change a single prediction
     assert m["ablation_accuracy"] == m["accuracy"] and m["fusion"] == "none"
-    assert m["modality_split"] == {
-        "available": False,
-        "reason": "fusion none: the model has no radiology branch",
-    }
+    none = {"available": False, "reason": "fusion none: the model has no radiology branch"}
+    assert m["modality_split"] == {**none, "slice_specific": none}
     assert "No modality split for this model: fusion none" in (run_dir / "report.md").read_text()
     assert m["accuracy"] == pytest.approx(runs["none"]["train"]["accuracy"])
 

@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["branch_terms", "grad_cam", "margin_split", "modality_summary"]
+__all__ = ["branch_terms", "centre_branch", "grad_cam", "margin_split", "modality_summary"]
 
 #: Quantiles of the radiology share reported by ``modality_summary``.
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -107,6 +107,24 @@ def branch_terms(model: torch.nn.Module, features: np.ndarray) -> tuple[dict[str
         block = feats[:, i * width : (i + 1) * width]
         terms[name] = block @ w.detach().cpu().double().numpy().T
     return terms, bias.detach().cpu().double().numpy()
+
+
+def centre_branch(
+    terms: dict[str, np.ndarray], bias: np.ndarray, branch: str = "radiology"
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Move ``branch``'s mean term over the pairs into the bias: what is left is slice-specific.
+
+    A branch's term for class c has a part every input gives alike (its mean over the set, a constant:
+    it acts as a second bias, and shuffling the inputs cannot change it) and a part that depends on the
+    input. The sum is unchanged, so the logits still add up exactly.
+
+    Returns:
+        (terms with ``branch`` centred per class, bias plus its per-class mean); unchanged without it.
+    """
+    if branch not in terms or not len(terms[branch]):
+        return terms, bias
+    mean = terms[branch].mean(axis=0)
+    return {**terms, branch: terms[branch] - mean}, bias + mean
 
 
 def margin_split(logits: np.ndarray, terms: dict[str, np.ndarray], bias: np.ndarray) -> dict[str, np.ndarray]:
