@@ -15,11 +15,13 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
 
     Args:
         path: The final destination. Its folder must exist.
+        fsync: Flush the file to disk before the rename. Without it the rename is still atomic (no
+            reader ever sees a half-written file under the final name), but a power loss may lose it.
 
     Yields:
         A temporary path in the same folder; write the content there (by any means).
@@ -30,8 +32,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
     except BaseException:

@@ -215,13 +215,12 @@ def overlay(image: Image.Image, cam: np.ndarray, lo: float, hi: float, alpha: fl
     """
     width, height = image.size
     heat = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32), mode="F")
-    heat = np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64)
+    heat = np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR))
     span = hi - lo
-    level = (heat - lo) / span if span > 0 else np.full(heat.shape, 0.5)
-    colour = VIRIDIS[np.clip(np.rint(level * 255), 0, 255).astype(np.uint8)]
-    base = np.asarray(image.convert("RGB"), dtype=np.float64)
-    blended = (1.0 - alpha) * base + alpha * colour
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
+    # float32 is plenty for 256 colour levels; the blend is Pillow's (C), not numpy temporaries.
+    level = (heat - np.float32(lo)) * np.float32(255 / span) if span > 0 else np.full(heat.shape, 127.5)
+    colour = VIRIDIS[np.clip(np.rint(level), 0, 255).astype(np.uint8)]
+    return Image.blend(image.convert("RGB"), Image.fromarray(colour, "RGB"), alpha)
 
 
 def file_stem(pair_id: str) -> str:
@@ -409,7 +408,8 @@ class ExplainWriter:
             except ImageError as exc:  # decoded a moment ago; changed since
                 log.warning("%s: no %s overlay: %s", pair.id, branch, exc)
                 continue
-            with atomic_path(self.target(pair, branch)) as tmp:
+            # Atomic, not fsynced: an fsync per overlay costs more than drawing it (docs/runtime.md).
+            with atomic_path(self.target(pair, branch), fsync=False) as tmp:
                 overlay(image, cam, lo, hi).save(tmp, format="PNG")
             written += 1
         return written

@@ -208,13 +208,12 @@ def test_overlay_is_the_input_size_and_puts_the_hot_cell_where_it_is():
     yellow = pixels[..., 0] + pixels[..., 1] - pixels[..., 2]  # viridis' top end is yellow
     y, x = np.unravel_index(yellow.argmax(), yellow.shape)
     assert y < 10 and x >= 20
-    # The tissue stays visible: every pixel is half image, half colour.
-    expected_dark = np.rint(0.5 * np.array([200, 150, 180]) + 0.5 * VIRIDIS[0])
-    assert np.array_equal(pixels[-1, 0], expected_dark)
+    # The tissue stays visible: every pixel is half image, half colour (to the rounding of the blend).
+    expected_dark = 0.5 * np.array([200, 150, 180]) + 0.5 * VIRIDIS[0]
+    assert np.abs(pixels[-1, 0] - expected_dark).max() <= 1
     gray = overlay(Image.new("L", (9, 9), 40), np.ones((1, 1)), 1.0, 1.0)  # flat map: mid colour
-    assert gray.size == (9, 9) and np.array_equal(
-        np.asarray(gray)[4, 4], np.rint(0.5 * 40 + 0.5 * VIRIDIS[128])
-    )
+    mid = 0.5 * 40 + 0.5 * VIRIDIS[128]
+    assert gray.size == (9, 9) and np.abs(np.asarray(gray)[4, 4] - mid).max() <= 1
 
 
 def test_viridis_table_is_matplotlibs():
