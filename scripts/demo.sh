@@ -16,15 +16,17 @@ crc-train --data-root examples/medmnist --size 28 --backbone resnet18 --fusion a
 echo "== 2/4 crc-export: ONNX + reference set + manifest, parity-gated against PyTorch"
 crc-export demo-out/run -o demo-out/bundle
 
-echo "== 3/4 crc-infer: the 18 example pairs in examples/pairs"
-crc-infer examples/pairs --bundle demo-out/bundle --batch-size 6 --output demo-out/predictions.csv
+echo "== 3/4 crc-infer: the 18 example pairs in examples/pairs, each explained (overlays in demo-out/explain)"
+crc-infer examples/pairs --bundle demo-out/bundle --batch-size 6 --output demo-out/predictions.csv \
+    --explain demo-out/explain
 
 echo "== 4/4 crc-infer validate: parity table of the bundle"
 crc-infer validate demo-out/bundle
 
 cat <<'MSG'
 
-Done: demo-out/run (metrics.json, report.md, figures), demo-out/bundle, demo-out/predictions.csv.
+Done: demo-out/run (metrics.json, report.md, figures), demo-out/bundle, demo-out/predictions.csv,
+demo-out/explain (where each branch looked, per pair).
 The demo trained on 700 real pairs only. For the paper's recipe on the full datasets (medmnist downloads
 them into ~/.medmnist; a GPU is recommended):
   .venv/bin/crc-train --preset paper --download --out runs/paper
