@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,13 +314,6 @@ def explain_parity(
     return row
 
 
-def _done(value: int) -> Future:
-    """A finished future holding ``value`` (overlays drawn on the calling thread)."""
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 class ExplainWriter:
     """Per batch of a folder run: the margin split columns and one overlay PNG per branch and pair.
 
@@ -348,9 +341,9 @@ class ExplainWriter:
         confined: Confined | None = None,
     ) -> None:
         self.folder = Path(folder)
-        # Pillow releases the GIL while it decodes, resizes and encodes, so overlays draw in parallel.
+        # Pillow releases the GIL while it decodes and resizes (not while it encodes a PNG, the larger
+        # part at 224 px: benchmarks/RESULTS.md), so part of the drawing runs in parallel.
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="crc-explain") if workers > 0 else None
-        self._pending: list[Future] = []
         self.classes = bundle.classes
         self.model_path = bundle.path / artifact["file"]
         self.branches: list[str] = list(artifact["branches"])
@@ -414,13 +407,6 @@ class ExplainWriter:
             written += 1
         return written
 
-    def _finish(self) -> None:
-        """Wait for the overlays submitted so far (a failed one raises here, after the others)."""
-        pending, self._pending = self._pending, []
-        wait(pending)
-        for job in pending:
-            self.written += job.result()
-
     def close(self) -> None:
         """Stop the drawing threads (every overlay of a returned batch is already written)."""
         if self._pool is not None:
@@ -451,12 +437,14 @@ class ExplainWriter:
             )
         # The batch's pairs are drawn in parallel, and all of them are on disk before its rows are
         # returned (and written): a predictions row never names a pair whose overlays are missing.
+        jobs = []
         for i, pair in enumerate(pairs):
-            a = int(split.predicted[i])
-            maps = {b: cams[b][i, a] for b in self.branches}
-            job = (pair, maps, *colour_scale(list(maps.values())))
-            self._pending.append(
-                self._pool.submit(self._draw, *job) if self._pool else _done(self._draw(*job))
-            )
-        self._finish()
+            maps = {b: cams[b][i, int(split.predicted[i])] for b in self.branches}
+            jobs.append((pair, maps, *colour_scale(list(maps.values()))))
+        drawn = (
+            self._pool.map(lambda job: self._draw(*job), jobs)
+            if self._pool
+            else (self._draw(*j) for j in jobs)
+        )
+        self.written += sum(drawn)
         return split_rows(split, self.classes)
