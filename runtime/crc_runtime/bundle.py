@@ -123,7 +123,7 @@ class Bundle:
         """The artifact entry with this file name, or else the first of this kind with this precision.
 
         Args:
-            file_or_precision: A file name (``model.onnx``) or a precision (``fp32``, ``fp16``).
+            file_or_precision: A file name (``model.onnx``) or a precision (``fp32``, ``fp16``, ``int8``).
             kind: Kind to match when looking up by precision (None: any kind).
 
         Raises:

@@ -161,8 +161,9 @@ ARTIFACT = click.option(
     "--artifact",
     "artifact_name",
     default=None,
-    help="Artifact to run: a manifest file name or a precision (fp32, fp16). Default: the backend's "
-    "choice (ort-cpu fp32; ort-cuda fp16 when usable, else fp32; trt the engine for this GPU).",
+    help="Artifact to run: a manifest file name or a precision (fp32, fp16, int8). Default: the fastest "
+    "usable one for the backend (ort-cpu int8, else fp32; ort-cuda fp16, else fp32; trt the engine for "
+    "this GPU). A precision the bundle lacks, or marked unusable, is an error.",
 )
 CUDA_GRAPHS = click.option(
     "--cuda-graphs",

@@ -27,6 +27,7 @@ THRESHOLD_KEYS = (
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"min_top1_agreement": 1.0, "max_abs_diff": 1e-3},
     "fp16": {"min_top1_agreement": 0.995, "max_accuracy_delta": 0.005},
+    "int8": {"min_top1_agreement": 0.99, "max_accuracy_delta": 0.01},
 }
 REFERENCE_INPUTS = ("pathology", "radiology")
 

@@ -116,18 +116,38 @@ def choose(
     return "ort-cpu", f"no GPU backend: no TensorRT ({why_not_trt}); onnxruntime has no CUDA provider"
 
 
-def _onnx_artifact(bundle: Bundle, name: str | None, prefer: tuple[str, ...]) -> dict:
-    if name is not None:
-        return bundle.artifact(name)
-    for precision in prefer:
+# The ONNX artifacts each onnxruntime device prefers, fastest first (benchmarks/RESULTS.md): on the CPU
+# the INT8 QDQ model runs onnxruntime's integer kernels; on CUDA, FP16 (onnxruntime's CUDA provider has
+# no fused INT8 convolutions for QDQ graphs: INT8 on a GPU is TensorRT's, --backend trt).
+ARTIFACT_PREFERENCE = {"cpu": ("int8", "fp32"), "cuda": ("fp16", "fp32")}
+
+
+def choose_artifact(bundle: Bundle, device: str, requested: str | None = None) -> tuple[dict, str]:
+    """The ONNX artifact onnxruntime runs on ``device`` (``cpu`` / ``cuda``), and why (one line).
+
+    Args:
+        bundle: The loaded bundle.
+        device: ``cpu`` or ``cuda``.
+        requested: ``--artifact``: a manifest file name or a precision (``fp32``, ``fp16``, ``int8``);
+            None picks the fastest usable artifact for ``device`` (:data:`ARTIFACT_PREFERENCE`).
+
+    Raises:
+        BundleError: The requested artifact is not in the bundle or is marked unusable, or no artifact
+            for ``device`` is usable; one line listing the artifacts.
+    """
+    if requested is not None:
+        return bundle.artifact(requested), f"--artifact {requested}"
+    prefer = ARTIFACT_PREFERENCE[device]
+    for rank, precision in enumerate(prefer):
         usable = [
             a
             for a in bundle.usable_artifacts()
             if a.get("kind") == "onnx" and a.get("precision") == precision
         ]
         if usable:
-            return usable[0]
-    return bundle.artifact(prefer[-1])  # raises with the list of artifacts and why none is usable
+            skipped = f" (no usable {' or '.join(prefer[:rank])})" if rank else ""
+            return usable[0], f"{precision}, the fastest usable artifact on {device}{skipped}"
+    return bundle.artifact(prefer[-1]), ""  # raises with the list of artifacts and why none is usable
 
 
 def open_backend(
@@ -145,8 +165,8 @@ def open_backend(
     Args:
         bundle: The loaded bundle.
         backend: ``auto``, ``ort-cpu``, ``ort-cuda`` or ``trt``.
-        artifact: A manifest file name or precision; None lets the backend choose (ort-cpu: fp32;
-            ort-cuda: fp16 when usable, else fp32; trt: the engine for this GPU).
+        artifact: A manifest file name or precision; None lets the backend choose (ort-cpu: int8 when
+            usable, else fp32; ort-cuda: fp16 when usable, else fp32; trt: the engine for this GPU).
         device: ``auto``, ``cpu`` or ``cuda`` (module docstring).
         gpu: CUDA device ordinal of the GPU backends.
         intra_op_threads: onnxruntime intra-op threads.
@@ -166,12 +186,13 @@ def open_backend(
         from .onnxruntime import ProviderStartError
 
         try:
-            opened, art = _open_ort(bundle, name, artifact, gpu, intra_op_threads, tf32)
+            opened, art, why = _open_ort(bundle, name, artifact, gpu, intra_op_threads, tf32)
         except ProviderStartError as exc:
             _fall_back_to_cpu(exc, allowed=backend == "auto" and device == "auto")
             reason = f"the CUDA provider did not start, so the CPU (auto had picked ort-cuda: {reason})"
             name = "ort-cpu"
-            opened, art = _open_ort(bundle, name, artifact, gpu, intra_op_threads, tf32)
+            opened, art, why = _open_ort(bundle, name, artifact, gpu, intra_op_threads, tf32)
+        reason = f"{reason}; {art['file']}: {why}"
     log.info("backend %s on %s: %s", name, art["file"], reason)
     return Selection(opened, art, reason)
 
@@ -206,13 +227,14 @@ def _open_trt(bundle: Bundle, artifact: str | None, gpu: int, cuda_graphs: bool)
 
 def _open_ort(
     bundle: Bundle, name: str, artifact: str | None, gpu: int, intra_op_threads: int | None, tf32: bool
-) -> tuple[Backend, dict]:
-    """An active :class:`OrtBackend` for ``ort-cpu`` / ``ort-cuda`` on the artifact that backend prefers."""
+) -> tuple[Backend, dict, str]:
+    """An active :class:`OrtBackend` for ``ort-cpu`` / ``ort-cuda`` on the artifact :func:`choose_artifact`
+    picks; returns (backend, artifact entry, why that artifact).
+    """
     from .onnxruntime import OrtBackend
 
     ort_device = name.removeprefix("ort-")
-    prefer = ("fp16", "fp32") if ort_device == "cuda" else ("fp32",)
-    art = _onnx_artifact(bundle, artifact, prefer)
+    art, why = choose_artifact(bundle, ort_device, artifact)
     if art.get("kind") not in ("onnx", "explain"):  # the explain artifact is an ONNX graph too
         raise BackendError(
             f"{bundle.path / art['file']}: kind {art.get('kind')!r} has no backend on {name}; "
@@ -226,7 +248,7 @@ def _open_ort(
         precision=art.get("precision", "fp32"),
         tf32=tf32,
     )
-    return backend.activate(), art
+    return backend.activate(), art, why
 
 
 def open_onnx(

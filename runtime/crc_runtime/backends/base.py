@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 #: What every backend says about itself once active (reports and the bench read these, nothing else):
 #: ``name`` (``ort-cpu`` / ``ort-cuda`` / ``trt``), ``device`` (``cpu`` or ``cuda:N``), ``precision``
-#: (``fp32``, ``tf32`` or ``fp16``), ``version`` (library and version), ``max_batch`` (largest batch one
-#: call takes, None when unbounded), ``timing_method`` (how ``last_timings`` stages are timed) and
-#: ``device_info`` (a dict with at least ``name``: the CPU or GPU that runs the model).
+#: (``fp32``, ``tf32``, ``fp16`` or ``int8``), ``version`` (library and version), ``max_batch``
+#: (largest batch one call takes, None when unbounded), ``timing_method`` (how ``last_timings`` stages are
+#: timed) and ``device_info`` (a dict with at least ``name``: the CPU or GPU that runs the model).
 METADATA = ("name", "device", "precision", "version", "max_batch", "timing_method", "device_info")
-PRECISIONS = ("fp32", "tf32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
