@@ -23,6 +23,7 @@ from crc_runtime.validate import DEFAULT_THRESHOLDS
 
 from .explain import explain_artifact
 from .fp16 import FP16_FILE, export_fp16_onnx, precision_summary
+from .int8 import INT8_FILE, INT8_TRT_FILE, Int8Config, calibration_indices, quantize_model
 from .onnx import DEFAULT_OPSET, check_onnx, export_onnx
 from .outputs import bundle_problem, check_output_folder, writing
 from .parity import onnx_artifact, parity_entry
@@ -52,7 +53,8 @@ class ExportConfig:
     fp16_device: str = (
         "auto"  # onnxruntime device for the FP16 parity run: auto (CUDA when present), cpu, cuda
     )
-    trt: TrtConfig | None = None  # build a TensorRT engine from model.fp16.onnx with these settings
+    int8: Int8Config | None = None  # also write model.int8.onnx, calibrated on training pairs
+    trt: TrtConfig | None = None  # TensorRT engines from model.fp16.onnx (and model.int8.trt.onnx)
     triton: Path | None = None  # write a Triton model repository here
     triton_model_name: str = DEFAULT_MODEL_NAME  # prefix of the Triton model names
     triton_max_batch: int | None = None  # Triton max_batch_size (default: the engine profile's max batch)
@@ -110,28 +112,87 @@ def _load_run(run_dir: Path):
 
 
 def _engine_artifact(
-    fp16_path: Path, work: Path, image_size: int, ref: dict, cfg: ExportConfig, previous: Path | None
+    source: Path,
+    precision: str,
+    work: Path,
+    image_size: int,
+    ref: dict,
+    cfg: ExportConfig,
+    previous: Path | None,
 ) -> dict:
-    """Build the TensorRT engine from the FP16 ONNX and gate it with the runtime's TensorRT backend."""
+    """Build a TensorRT engine from an ONNX artifact and gate it with the runtime's TensorRT backend.
+
+    Args:
+        source: model.fp16.onnx (FP16 engine) or model.int8.trt.onnx (INT8 engine, explicit Q/DQ).
+        precision: ``fp16`` or ``int8``: the engine's name, manifest entry and parity thresholds.
+    """
     shapes = {"pathology": (image_size, image_size, 3), "radiology": (image_size, image_size, 1)}
-    built = build_engine(fp16_path, work, shapes, cfg.trt, previous_dir=previous)
+    built = build_engine(source, work, shapes, cfg.trt, previous_dir=previous, precision=precision)
     art = {
         "file": built["file"],
         "kind": "tensorrt",
-        "precision": "fp16",
+        "precision": precision,
         "engine": built["engine"],
         "timing_cache": built["timing_cache"],
     }
     try:
-        logits = engine_logits(work / built["file"], built["engine"], ref, cfg.batch_size, cfg.trt.device)
+        logits = engine_logits(
+            work / built["file"], built["engine"], ref, cfg.batch_size, cfg.trt.device, precision
+        )
     except UserError as exc:  # an engine the runtime cannot load or run is a failed artifact, not a crash
         art.update(
             usable=False, parity={"backend": "trt", "passed": False, "reasons": [f"cannot run: {exc}"]}
         )
         return art
-    parity = parity_entry("trt", ref, logits, "fp16", cfg.thresholds)
+    parity = parity_entry("trt", ref, logits, precision, cfg.thresholds)
     art.update(usable=parity["passed"], parity=parity)
     return art
+
+
+def _int8_artifact(
+    fp32_path: Path, work: Path, data_cfg, ref: dict, cfg: ExportConfig
+) -> tuple[dict, dict | None]:
+    """Quantize ``model.onnx`` on training pairs and gate the result on the CPU like any artifact.
+
+    The calibration pairs come from the run's training split (``load_split(data_cfg, "train")``); the
+    reference set is the test split, so no reference pair is ever seen by the calibration. With ``--trt``
+    the TensorRT encoding (``model.int8.trt.onnx``) is written too.
+
+    Returns:
+        The manifest entry of model.int8.onnx, and the quantization record of model.int8.trt.onnx (None
+        without ``--trt``) for the engine built from it.
+    """
+    from crc_train.data import load_split
+
+    train = load_split(data_cfg, "train")
+    index = calibration_indices(len(train.labels), cfg.int8.calibration_pairs, cfg.int8.seed)
+    if len(index) < cfg.int8.calibration_pairs:
+        log.warning(
+            "INT8 calibration: the training split has %d pairs, fewer than the %d asked for; using all",
+            len(index),
+            cfg.int8.calibration_pairs,
+        )
+    out = work / INT8_FILE
+    trt_path = work / INT8_TRT_FILE if cfg.trt is not None else None
+    record = quantize_model(
+        fp32_path, out, train.pathology[index], train.radiology[index], cfg.int8, trt_path=trt_path
+    )
+    trt_record = record.pop("tensorrt", None)
+    for rec in (record, trt_record):
+        if rec is not None:
+            rec["calibration"].update(
+                split="train",
+                pairs=int(len(index)),
+                requested_pairs=cfg.int8.calibration_pairs,
+                selection=f"drawn without replacement from {len(train.labels)} training pairs, "
+                f"seed {cfg.int8.seed}",
+            )
+    for path in (out, trt_path):
+        if path is not None:
+            check_onnx(path)
+    entry = onnx_artifact(out, "int8", ref, cfg.thresholds, cfg.batch_size)
+    entry["quantization"] = record
+    return entry, trt_record
 
 
 def _preflight(run_dir: Path, bundle: Path, cfg: ExportConfig) -> None:
@@ -142,6 +203,8 @@ def _preflight(run_dir: Path, bundle: Path, cfg: ExportConfig) -> None:
             raise UserError("--trt builds the engine from model.fp16.onnx; drop --no-fp16")
         cfg.trt.validate()
         require_tensorrt()
+    if cfg.int8 is not None:
+        cfg.int8.validate()
     if cfg.triton is not None:
         triton = Path(cfg.triton)
         check_model_name(cfg.triton_model_name)
@@ -197,7 +260,9 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
     names = ["model.onnx", "reference logits", "parity model.onnx"]
     names += ["model.explain.onnx"] if cfg.explain else []
     names += ["model.fp16.onnx", "parity model.fp16.onnx"] if cfg.fp16 else []
+    names += ["model.int8.onnx"] if cfg.int8 is not None else []
     names += ["TensorRT engine"] if cfg.trt is not None else []
+    names += ["TensorRT INT8 engine"] if cfg.trt is not None and cfg.int8 is not None else []
     names += ["manifest"] + (["Triton repository"] if cfg.triton is not None else [])
     step = _Steps(names, cfg.progress)
     try:
@@ -246,10 +311,19 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
                     )
                 )
                 artifacts[-1]["graph"] = precision_summary(fp16_path)
+            if cfg.int8 is not None:
+                step("model.int8.onnx")  # calibration, quantization and its parity run
+                int8_entry, trt_quantization = _int8_artifact(onnx_path, work, data_cfg, ref, cfg)
+                artifacts.append(int8_entry)
             if cfg.trt is not None:
                 step("TensorRT engine")
                 previous = bundle if bundle.is_dir() else None
-                artifacts.append(_engine_artifact(fp16_path, work, image_size, ref, cfg, previous))
+                artifacts.append(_engine_artifact(fp16_path, "fp16", work, image_size, ref, cfg, previous))
+                if cfg.int8 is not None:
+                    step("TensorRT INT8 engine")
+                    source = work / INT8_TRT_FILE
+                    artifacts.append(_engine_artifact(source, "int8", work, image_size, ref, cfg, previous))
+                    artifacts[-1]["quantization"] = trt_quantization
             step("manifest")
             files = [
                 "reference.npz",
@@ -257,6 +331,7 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
                 *{name: None for a in artifacts for name in a.get("external_data", [])},  # shared once
                 *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
                 *(a["reference"] for a in artifacts if "reference" in a),
+                *(a["engine"]["source"] for a in artifacts if a.get("kind") == "tensorrt"),  # ONNX built
             ]
             manifest = _manifest(
                 ckpt,

@@ -98,6 +98,31 @@ def _threshold_override(ctx, param, values):
     help="onnxruntime device for the FP16 parity run (auto: CUDA when onnxruntime-gpu sees a GPU).",
 )
 @click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write model.int8.onnx: static INT8 (QDQ, per-channel weights) calibrated on training pairs; "
+    "attention, softmax, pooling, head and preprocessing FP32. With --trt, also an INT8 engine from it.",
+)
+@click.option(
+    "--int8-calibration",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="percentile",
+    show_default=True,
+    help="How activation ranges are set from the calibration pairs (docs/export.md says why percentile).",
+)
+@click.option(
+    "--int8-calibration-pairs",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training pairs the INT8 calibration runs on (drawn with a fixed seed; never the test pairs).",
+)
+@click.option(
+    "--int8-reduce-range",
+    is_flag=True,
+    help="7-bit INT8 weights: for x86 CPUs without VNNI if the INT8 gate fails there (docs/export.md).",
+)
+@click.option(
     "--fp32-max-abs-diff",
     default=1e-3,
     show_default=True,
@@ -130,7 +155,10 @@ def _threshold_override(ctx, param, values):
     help=f"Any other parity threshold, repeatable; KEY: {', '.join(THRESHOLD_KEYS)}.",
 )
 @click.option(
-    "--trt", is_flag=True, help="Also build a TensorRT engine from model.fp16.onnx (needs [trt] and a GPU)."
+    "--trt",
+    is_flag=True,
+    help="Also build a TensorRT engine from model.fp16.onnx (and one from model.int8.onnx with --int8); "
+    "needs [trt] and a GPU.",
 )
 @click.option(
     "--min-batch",
@@ -212,6 +240,7 @@ def export_command(run_dir, bundle, verbose, quiet, **opts):
     from crc_train.errors import UserError as TrainUserError
 
     from .build import ExportConfig, build_bundle
+    from .int8 import Int8Config
     from .tensorrt import TrtConfig
 
     setup_logging(verbose)
@@ -235,6 +264,13 @@ def export_command(run_dir, bundle, verbose, quiet, **opts):
         fp16=opts["fp16"],
         explain=opts["explain"],
         fp16_device=opts["fp16_device"],
+        int8=Int8Config(
+            calibration_pairs=opts["int8_calibration_pairs"],
+            method=opts["int8_calibration"],
+            reduce_range=opts["int8_reduce_range"],
+        )
+        if opts["int8"]
+        else None,
         trt=trt,
         triton=opts["triton"],
         triton_model_name=opts["triton_model_name"],

@@ -1,4 +1,4 @@
-"""A TensorRT engine from ``model.fp16.onnx``: strongly typed build, dynamic batch profile, timing cache.
+"""TensorRT engines from model.fp16.onnx and model.int8.onnx: strongly typed, dynamic batch, timing cache.
 
 The precision of every layer comes from the ONNX graph itself (FP16 backbones, FP32 attention, pooling
 and head; see :mod:`crc_export.fp16`): the network is created STRONGLY_TYPED, which is how TensorRT 10
@@ -8,9 +8,16 @@ full FP32 (the policy of DESIGN.md "Parity"), and the engine record says ``"tf32
 optimization profile, over the batch. Features are detected with ``hasattr``, never by parsing version
 strings.
 
+The INT8 engine is built the same way from the QDQ graph of :mod:`crc_export.int8` (explicit
+quantization: the Q/DQ pairs say which tensors are INT8, with their scales; zero points are 0, the only
+kind TensorRT takes). TensorRT's guide: "Use explicit quantization with Strong Typing. Precision-control
+build flags are not required and should not be specified", so no INT8 (or FP16) builder flag is set and
+the layers outside the Q/DQ pairs run in the FP32 of the graph, exactly as onnxruntime runs them.
+
 The engine is named after what it is tied to: ``<gpu-name>_sm<XY>_trt<version>.plan``, e.g.
-``nvidia-h100-80gb-hbm3_sm90_trt10.13.0.plan``; the manifest's ``engine`` record repeats the GPU name,
-compute capability, TensorRT version and profile so the runtime can refuse a mismatch before loading.
+``nvidia-h100-80gb-hbm3_sm90_trt10.13.0.plan`` (the INT8 engine ends ``.int8.plan``); the manifest's
+``engine`` record repeats the GPU name, compute capability, TensorRT version and profile so the runtime
+can refuse a mismatch before loading.
 """
 
 from __future__ import annotations
@@ -77,15 +84,19 @@ def _import_tensorrt():
     return trt
 
 
-def engine_file_name(gpu_name: str, compute_capability: str, trt_version: str) -> str:
+def engine_file_name(
+    gpu_name: str, compute_capability: str, trt_version: str, precision: str = "fp16"
+) -> str:
     """``NVIDIA H100 80GB HBM3``, ``9.0``, ``10.13.0.35`` -> ``nvidia-h100-80gb-hbm3_sm90_trt10.13.0.plan``.
 
     The GPU name is lower-cased with every run of other characters made one dash; the TensorRT version
-    is cut to major.minor.patch, the release an engine is tied to.
+    is cut to major.minor.patch, the release an engine is tied to. An engine of another precision than
+    FP16 (the first kind, whose names stay as they were) carries it: ``..._trt10.13.0.int8.plan``.
     """
     slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
     sm = "sm" + compute_capability.replace(".", "")
-    return f"{slug}_{sm}_trt{tensorrt_release(trt_version)}.plan"
+    suffix = "" if precision == "fp16" else f".{precision}"
+    return f"{slug}_{sm}_trt{tensorrt_release(trt_version)}{suffix}.plan"
 
 
 def strongly_typed_flags(trt) -> int:
@@ -154,16 +165,19 @@ def build_engine(
     input_shapes: dict[str, tuple[int, ...]],
     cfg: TrtConfig,
     previous_dir: Path | None = None,
+    precision: str = "fp16",
 ) -> dict:
     """Build a strongly typed engine from ``onnx_path`` into ``out_dir``, with a timing cache beside it.
 
     Args:
-        onnx_path: the FP16 ONNX file (its casts fix every layer's precision).
+        onnx_path: the FP16 ONNX file (its casts fix every layer's precision) or the INT8 QDQ file (its
+            Q/DQ pairs do).
         out_dir: folder the engine and the timing cache are written to (the bundle being built).
         input_shapes: per input, its dimensions without the batch, e.g. ``{"pathology": (28, 28, 3)}``.
         cfg: batch profile, workspace, device, timing cache to start from.
         previous_dir: a previous bundle whose timing cache for this GPU is reused when
             ``cfg.timing_cache`` is None.
+        precision: ``fp16`` or ``int8``, for the engine's name (see :func:`engine_file_name`).
 
     Returns:
         ``{"file", "timing_cache", "engine": {...}}``: the engine record holds gpu_name,
@@ -181,7 +195,7 @@ def build_engine(
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     gpu = cuda.device_info(cfg.device)
     cuda.check(cuda.cudart().cudaSetDevice(cfg.device), "cudaSetDevice")
-    name = engine_file_name(gpu["name"], gpu["compute_capability"], trt.__version__)
+    name = engine_file_name(gpu["name"], gpu["compute_capability"], trt.__version__, precision)
     cache_name = name.removesuffix(".plan") + ".timing.cache"
     logger = make_trt_logger(trt, log)
 
@@ -238,11 +252,13 @@ def build_engine(
     }
 
 
-def engine_logits(engine_path: Path, record: dict, ref: dict, batch_size: int, device: int = 0):
+def engine_logits(
+    engine_path: Path, record: dict, ref: dict, batch_size: int, device: int = 0, precision: str = "fp16"
+):
     """Logits of an engine on the reference set through the runtime's TensorRT backend.
 
     Raises:
         UserError: the backend refused or failed to run the engine (the caller records it as a failure).
     """
-    with TrtBackend(engine_path, record, precision="fp16", device=device) as backend:
+    with TrtBackend(engine_path, record, precision=precision, device=device) as backend:
         return run_reference(backend, ref, min(batch_size, backend.max_batch))

@@ -7,7 +7,9 @@ Layout (one model per artifact, Triton's repository convention)::
                                                      (platform onnxruntime_onnx; a folder, as Triton
                                                      wants an ONNX model with external weights)
       <name>_fp16_onnx/  config.pbtxt  labels.txt  1/model.onnx   (when model.fp16.onnx is usable)
+      <name>_int8_onnx/  config.pbtxt  labels.txt  1/model.onnx   (when model.int8.onnx is usable)
       <name>_trt/        config.pbtxt  labels.txt  1/model.plan   (platform tensorrt_plan, when built)
+      <name>_trt_int8/   config.pbtxt  labels.txt  1/model.plan   (the INT8 engine, when built)
 
 The configs are written as protobuf text (Triton's ``ModelConfig``) from the manifest alone: the
 batch axis is implicit (``max_batch_size`` > 0), so inputs are ``[S, S, 3]`` / ``[S, S, 1]`` uint8 and the
@@ -35,7 +37,9 @@ _LABELS = "labels.txt"
 _MODELS = {
     ("onnx", "fp32"): ("onnx", "onnxruntime_onnx", "model.onnx"),
     ("onnx", "fp16"): ("fp16_onnx", "onnxruntime_onnx", "model.onnx"),
+    ("onnx", "int8"): ("int8_onnx", "onnxruntime_onnx", "model.onnx"),
     ("tensorrt", "fp16"): ("trt", "tensorrt_plan", "model.plan"),
+    ("tensorrt", "int8"): ("trt_int8", "tensorrt_plan", "model.plan"),
 }
 
 

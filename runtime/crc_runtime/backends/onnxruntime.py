@@ -57,7 +57,7 @@ class OrtBackend(Backend):
         device: ``cpu`` or ``cuda``.
         gpu: CUDA device ordinal (``cuda`` only).
         intra_op_threads: Threads inside one operator; None lets onnxruntime decide.
-        precision: Precision of the model file (``fp32`` / ``fp16``).
+        precision: Precision of the model file (``fp32`` / ``fp16`` / ``int8``).
         tf32: Let the CUDA provider run FP32 math in TF32 (faster, less exact; reported as precision
             ``tf32`` for an FP32 model). Off for parity runs.
         io_binding: Preallocated device OrtValues per batch size (default: on for CUDA).
