@@ -100,18 +100,31 @@ def one_pair_folder(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def cold_start(runtime_python: Path, bundle: Path, run_dir: Path, folder: Path, out_dir: Path) -> dict:
+def cold_start(
+    runtime_python: Path,
+    bundle: Path,
+    run_dir: Path,
+    folder: Path,
+    out_dir: Path,
+    artifact: str = "fp32",
+    torch_job: dict | None = None,
+) -> dict:
     """The same job (predict every pair of ``folder`` in one batch, write a CSV) via crc-infer and via torch.
 
     Each is timed from process start to exit, so interpreter start-up and teardown count on both sides.
     With a one-pair folder this is the issue's cold start: process start -> first prediction.
+
+    Args:
+        artifact: what crc-infer runs (``--artifact``: fp32, int8); the torch job is always FP32.
+        torch_job: a :func:`measure` result of the torch job to reuse instead of measuring it again.
     """
     here = Path(__file__).resolve().parent
     with open(folder / "pairs.csv") as fh:
         pairs = sum(1 for _ in fh) - 1
     runtime_cmd = [
         str(runtime_python), "-m", "crc_runtime.cli", str(folder), "--bundle", str(bundle),
-        "--backend", "ort-cpu", "--batch-size", "64", "--output", str(out_dir / "cold_runtime.csv"),
+        "--backend", "ort-cpu", "--artifact", artifact, "--batch-size", "64",
+        "--output", str(out_dir / "cold_runtime.csv"),
     ]  # fmt: skip
     torch_cmd = [
         sys.executable,
@@ -121,10 +134,11 @@ def cold_start(runtime_python: Path, bundle: Path, run_dir: Path, folder: Path, 
         str(out_dir / "cold_torch.csv"),
     ]
     runtime = measure(runtime_cmd)
-    torch_job = measure(torch_cmd)
+    torch_job = torch_job or measure(torch_cmd)
     return {
         "job": f"predict the {pairs} pair(s) of {folder} in one batch, write a CSV (process start -> exit)",
         "pairs": pairs,
+        "artifact": artifact,
         "runtime": runtime,
         "torch": torch_job,
         "cold_start_ratio": runtime["wall_s_median"] / torch_job["wall_s_median"],

@@ -6,6 +6,7 @@ from pathlib import Path
 
 TARGETS = {
     "ort_cpu_vs_torch_cpu": 1.5,  # onnxruntime CPU / torch eager CPU throughput, at least
+    "int8_vs_fp32": 1.8,  # onnxruntime CPU INT8 / FP32 throughput at batch 8 and 32, at least
     "cold_start": 1 / 5,  # runtime / torch, at most
     "peak_rss": 1 / 4,
     "env_size": 1 / 20,
@@ -42,6 +43,13 @@ def ratios(results: dict) -> dict:
             for n in rows["ort-cpu"]
             if n in rows.get(base, {})
         }
+    if "ort-cpu-int8" in rows and "ort-cpu" in rows:
+        out["int8_vs_fp32"] = {
+            n: rows["ort-cpu-int8"][n]["throughput_pairs_per_s"]
+            / rows["ort-cpu"][n]["throughput_pairs_per_s"]
+            for n in rows["ort-cpu-int8"]
+            if n in rows["ort-cpu"]
+        }
     for ref in ("torch-eager-fp32", "torch-amp-fp16"):
         if "trt-fp16" in rows and ref in rows and ref != base:
             out[f"trt_vs_{ref}"] = {
@@ -53,6 +61,8 @@ def ratios(results: dict) -> dict:
     if "cold_start" in fp:
         out["cold_start"] = fp["cold_start"]["cold_start_ratio"]
         out["peak_rss"] = fp["cold_start"]["peak_rss_ratio"]
+    if "cold_start_int8" in fp:
+        out["peak_rss_int8"] = fp["cold_start_int8"]["peak_rss_ratio"]
     if "env_size" in fp:
         out["env_size"] = fp["env_size"]["ratio"]
     return out
@@ -60,7 +70,7 @@ def ratios(results: dict) -> dict:
 
 def _verdict(key: str, value: float) -> str:
     target = TARGETS[key]
-    ok = value >= target if key == "ort_cpu_vs_torch_cpu" else value <= target
+    ok = value >= target if key in ("ort_cpu_vs_torch_cpu", "int8_vs_fp32") else value <= target
     return "meets" if ok else "MISSES"
 
 
@@ -126,6 +136,22 @@ def markdown(results: dict) -> str:
             f"{results['settings'].get('paired_threads', 'default')} threads, robust to load drift on"
             f" a shared machine): {per} (best {best:.2f}x {_verdict('ort_cpu_vs_torch_cpu', best)})"
         )
+    if "int8_vs_fp32" in r:
+        per = ", ".join(f"batch {n}: {v:.2f}x" for n, v in r["int8_vs_fp32"].items())
+        lines.append(f"- onnxruntime CPU INT8 / FP32 throughput: {per} (target >= 1.8x at batch 8 and 32)")
+    paired_int8 = results.get("paired_int8")
+    if isinstance(paired_int8, dict):
+        lines.append(f"- INT8 / FP32 interleaved: skipped, {paired_int8['skipped']}")
+    elif paired_int8:
+        per = ", ".join(
+            f"batch {row['batch_size']}: {row['ratio']:.2f}x ({row['a_pairs_per_s']:.1f} vs "
+            f"{row['b_pairs_per_s']:.1f} pairs/s, {_verdict('int8_vs_fp32', row['ratio'])})"
+            for row in paired_int8
+        )
+        lines.append(
+            f"- same, interleaved A/B ({paired_int8[0]['rounds']} rounds, median call time): {per} "
+            "(target >= 1.8x)"
+        )
     for key in (k for k in r if k.startswith("trt_vs_")):
         per = ", ".join(f"batch {n}: {v:.2f}x" for n, v in r[key].items())
         lines.append(f"- TensorRT FP16 / {key.removeprefix('trt_vs_')}: {per}")
@@ -149,6 +175,15 @@ def markdown(results: dict) -> str:
         lines.append(
             f"- peak RSS of that job: crc-infer {rt['peak_rss_mib']:.0f} MiB, torch {th['peak_rss_mib']:.0f} "
             f"MiB -> {r['peak_rss']:.2f} (target <= 0.25, {_verdict('peak_rss', r['peak_rss'])})"
+        )
+    if "cold_start_int8" in fp:
+        cs = fp["cold_start_int8"]
+        rt, th = cs["runtime"], cs["torch"]
+        lines.append(
+            f"- the same one-pair job on model.int8.onnx: crc-infer {rt['wall_s_median']:.2f} s / "
+            f"{rt['peak_rss_mib']:.0f} MiB, torch {th['wall_s_median']:.2f} s / {th['peak_rss_mib']:.0f} MiB "
+            f"-> cold start {cs['cold_start_ratio']:.2f}, peak RSS {r['peak_rss_int8']:.2f} "
+            f"(target <= 0.25, {_verdict('peak_rss', r['peak_rss_int8'])})"
         )
     if "folder_job" in fp:
         fj = fp["folder_job"]

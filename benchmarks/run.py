@@ -4,10 +4,11 @@
 
 It trains nothing worth keeping: a resnet50 @ 64 px fusion model gets one epoch on a few synthetic pairs
 (effectively untrained weights: speed does not depend on them) through crc-train, then crc-export makes
-the bundle (and a TensorRT engine when TensorRT and a GPU are here). Each backend is timed by the
-runtime's own engine-only loop (crc_runtime.bench) on identical synthetic uint8 inputs, numpy in and
-numpy out. What the machine cannot run is skipped with the reason. Then the footprint: cold start and
-peak RSS of crc-infer against the same job done with torch, and installed environment sizes.
+the bundle, with model.int8.onnx (and a TensorRT engine when TensorRT and a GPU are here). Each backend
+is timed by the runtime's own engine-only loop (crc_runtime.bench) on identical synthetic uint8 inputs,
+numpy in and numpy out; INT8 and FP32 onnxruntime CPU are also timed interleaved (--int8-rounds). What
+the machine cannot run is skipped with the reason. Then the footprint: cold start and peak RSS of
+crc-infer (FP32 and INT8) against the same job done with torch, and installed environment sizes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from crc_runtime.backends.base import Backend, cpu_info  # noqa: E402
 log = logging.getLogger("benchmarks")
 
 BACKENDS = (
-    "torch-eager-fp32", "torch-amp-fp16", "torch-compile", "ort-cpu",
+    "torch-eager-fp32", "torch-amp-fp16", "torch-compile", "ort-cpu", "ort-cpu-int8",
     "ort-cuda-fp32", "ort-cuda-fp16", "trt-fp16",
 )  # fmt: skip
 # The CPU ratio on a GPU machine; onnxruntime with default options and with spinning threads off;
@@ -55,7 +56,9 @@ def build_bundle(work: Path, backbone: str, size: int, trt: bool) -> tuple[Path,
              "--overwrite", "--out", str(run_dir)],
             check=True,
         )  # fmt: skip
-    if not (bundle / "manifest.json").is_file():
+    manifest = bundle / "manifest.json"
+    # An older bundle of the same work folder without model.int8.onnx is exported again.
+    if not manifest.is_file() or "model.int8.onnx" not in json.loads(manifest.read_text())["files"]:
         cmd = [
             sys.executable,
             "-m",
@@ -65,6 +68,8 @@ def build_bundle(work: Path, backbone: str, size: int, trt: bool) -> tuple[Path,
             str(bundle),
             "--parity-pairs",
             "32",
+            "--int8",  # the model trained on 16 pairs: calibration takes what there is (16 training pairs)
+            "--overwrite",
         ]
         subprocess.run(cmd + (["--trt"] if trt else []), check=True)
     return run_dir, bundle
@@ -103,6 +108,14 @@ def open_one(name: str, bundle, run_dir: Path):
             return None, "torch AMP FP16 needs a CUDA device (torch sees none)"
         model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoint.pt"))
         return TorchBackend(model, bundle.image_size, mode, device).activate(), None
+    if name == "ort-cpu-int8":
+        try:
+            art = bundle.artifact("int8")
+        except UserError as exc:
+            return None, str(exc)
+        backend = OrtBackend(bundle.artifact_path(art), "cpu", precision="int8").activate()
+        backend.name = name
+        return backend, None
     if name in ("ort-cpu", "ort-cpu-untuned", "ort-cpu-nospin"):
         if name != "ort-cpu-untuned":
             backend = OrtBackend(bundle.file("model.onnx"), "cpu", spinning=name == "ort-cpu").activate()
@@ -229,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also time ort-cpu against torch eager CPU interleaved, N rounds per batch size (0: skip)",
     )  # fmt: skip
     ap.add_argument("--paired-threads", type=int, default=None, help="threads for both in the paired run")
+    ap.add_argument(
+        "--int8-rounds", type=int, default=10,
+        help="time ort-cpu INT8 against ort-cpu FP32 interleaved, N rounds per --int8-batch-sizes (0: skip)",
+    )  # fmt: skip
+    ap.add_argument("--int8-batch-sizes", default="8,32", help="batch sizes of the paired INT8 / FP32 run")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -277,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         results["settings"]["paired_threads"] = args.paired_threads or "default"
         ort_cpu.deactivate()
         torch_cpu.deactivate()
+    if args.int8_rounds:
+        results["paired_int8"] = paired_int8(
+            bundle, parse_batch_sizes(args.int8_batch_sizes), args.int8_rounds
+        )
     if args.e2e_pairs:
         folder = e2e.make_folder(work / f"pairs-{args.e2e_pairs}", args.e2e_pairs, bundle.image_size)
         results["end_to_end"] = e2e.end_to_end(bundle, folder, args.e2e_batch)
@@ -288,6 +310,19 @@ def main(argv: list[str] | None = None) -> None:
     print(report.markdown(results))
 
 
+def paired_int8(bundle, sizes: list[int], rounds: int) -> list[dict] | dict:
+    """ort-cpu on model.int8.onnx against ort-cpu on model.onnx, calls interleaved (benchmarks/paired.py)."""
+    int8, why = open_one("ort-cpu-int8", bundle, None)
+    if int8 is None:
+        return {"skipped": why}
+    fp32, _ = open_one("ort-cpu", bundle, None)
+    try:
+        return paired.paired_ratio(int8, fp32, sizes, rounds)
+    finally:
+        int8.deactivate()
+        fp32.deactivate()
+
+
 def measure_footprint(args, bundle_dir: Path, run_dir: Path, work: Path) -> dict:
     python = footprint.runtime_python_or_none(args.runtime_python)
     if python is None:
@@ -295,11 +330,16 @@ def measure_footprint(args, bundle_dir: Path, run_dir: Path, work: Path) -> dict
                 "install .) and pass --runtime-python V/bin/python"}  # fmt: skip
     folder = HERE.parent / "examples" / "pairs"
     one = footprint.one_pair_folder(folder, work / "first-pair")
+    cold = footprint.cold_start(python, bundle_dir, run_dir, one, work, artifact="fp32")
     return {
         # The targets: process start -> first prediction (one pair), and that job's peak RSS.
-        "cold_start": footprint.cold_start(python, bundle_dir, run_dir, one, work),
+        "cold_start": cold,
+        # The same job on model.int8.onnx, against the same torch measurement.
+        "cold_start_int8": footprint.cold_start(
+            python, bundle_dir, run_dir, one, work, artifact="int8", torch_job=cold["torch"]
+        ),
         # The same comparison for the whole 18-pair example folder in one batch.
-        "folder_job": footprint.cold_start(python, bundle_dir, run_dir, folder, work),
+        "folder_job": footprint.cold_start(python, bundle_dir, run_dir, folder, work, artifact="fp32"),
         "imports_only": footprint.imports_only(python),
         "env_size": footprint.env_sizes(python, Path(sys.executable)),
     }
