@@ -382,3 +382,59 @@ def test_int8_engine_artifact_is_gated_on_int8_thresholds(tmp_path, monkeypatch)
     monkeypatch.setattr(build, "engine_logits", lambda *a, **k: logits)
     art = build._engine_artifact(tmp_path / INT8_TRT_FILE, "int8", tmp_path, 28, ref, cfg, None)
     assert art["usable"] is True
+
+
+def test_trt_int8_export_lists_the_symmetric_source_and_gates_the_engine(tiny_run, tmp_path, monkeypatch):
+    """crc-export --trt --int8 end to end with TensorRT stood in for: the engine is built from
+    model.int8.trt.onnx (listed in files), carries its quantization record and is gated on the INT8
+    thresholds; the stand-in "engine" runs its source ONNX with onnxruntime, so the symmetric encoding's
+    own parity is what the gate sees.
+    """
+    import crc_export.build as build
+    from crc_export.build import ExportConfig, build_bundle
+    from crc_export.int8 import Int8Config
+    from crc_export.tensorrt import TrtConfig
+    from crc_runtime.backends.onnxruntime import OrtBackend
+    from crc_runtime.validate import run_reference
+
+    def fake_build_engine(source, out_dir, shapes, cfg, previous_dir=None, precision="fp16"):
+        name = f"fake-gpu_sm90_trt10.13.0{'' if precision == 'fp16' else '.' + precision}"
+        (out_dir / f"{name}.plan").write_bytes(b"engine")
+        (out_dir / f"{name}.timing.cache").write_bytes(b"cache")
+        record = {"gpu_name": "Fake GPU", "compute_capability": "9.0", "tensorrt_version": "10.13.0.35"}
+        return {
+            "file": f"{name}.plan",
+            "timing_cache": f"{name}.timing.cache",
+            "engine": {**record, "source": source.name},
+        }
+
+    def fake_engine_logits(engine_path, record, ref, batch_size, device=0, precision="fp16"):
+        backend = OrtBackend(engine_path.parent / record["source"], precision=precision)
+        return run_reference(backend, ref, batch_size)
+
+    monkeypatch.setattr(build, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(build, "build_engine", fake_build_engine)
+    monkeypatch.setattr(build, "engine_logits", fake_engine_logits)
+    cfg = ExportConfig(parity_pairs=16, int8=Int8Config(calibration_pairs=8), trt=TrtConfig())
+    result = build_bundle(tiny_run, tmp_path / "bundle", cfg)
+    assert result.passed
+    manifest = result.manifest
+    kinds = [(a["kind"], a["precision"]) for a in manifest["artifacts"]]
+    assert kinds == [
+        ("onnx", "fp32"),
+        ("onnx", "fp16"),
+        ("onnx", "int8"),
+        ("tensorrt", "fp16"),
+        ("tensorrt", "int8"),
+    ]
+    engine = manifest["artifacts"][-1]
+    assert engine["file"].endswith(".int8.plan") and engine["engine"]["source"] == INT8_TRT_FILE
+    assert manifest["files"][INT8_TRT_FILE] == sha256_file(tmp_path / "bundle" / INT8_TRT_FILE)
+    assert engine["quantization"]["file"] == INT8_TRT_FILE
+    assert engine["quantization"]["activations"].startswith("int8, symmetric (zero point 0)")
+    assert engine["quantization"]["calibration"]["split"] == "train"
+    assert engine["parity"]["thresholds"] == DEFAULT_THRESHOLDS["int8"] and engine["usable"] is True
+    # The onnxruntime model keeps its uint8 encoding; the engine's record is not mixed into it.
+    (onnx_int8,) = [a for a in manifest["artifacts"] if a["file"] == INT8_FILE]
+    assert "tensorrt" not in onnx_int8["quantization"]
+    assert onnx_int8["quantization"]["activations"].startswith("uint8")
