@@ -183,56 +183,15 @@ def quantize_model(
         kept FP32, the graph summary), without the calibration provenance the caller adds; with
         ``trt_path``, a ``tensorrt`` record of the second file too.
     """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     cfg.validate()
     out_path = Path(out_path)
     reader = PairReader(pathology, radiology, cfg.batch_size)
     with tempfile.TemporaryDirectory(prefix="crc-int8-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # Shape inference + onnxruntime's basic optimizations (batch norms folded into convolutions).
-        quant_pre_process(
-            str(fp32_path),
-            str(prepared),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            external_data_location="prepared.onnx.data",
-        )
-        regions = fp32_regions(onnx.load(str(prepared), load_external_data=False))
-
-        def write(path: Path, activation_type, symmetric: bool) -> None:
-            # The calibrators print() their progress: it is logged, not printed over the CLI's output.
-            chatter = io.StringIO()
-            with contextlib.redirect_stdout(chatter):
-                quantize_static(
-                    str(prepared),
-                    str(path),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-                    per_channel=cfg.per_channel,
-                    reduce_range=cfg.reduce_range,
-                    activation_type=activation_type,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=[*regions["preprocessing"], *regions["head"]],
-                    calibrate_method=_calibration_method(cfg.method),
-                    extra_options={
-                        "ActivationSymmetric": symmetric,
-                        "WeightSymmetric": True,
-                        "CalibPercentile": cfg.percentile,
-                        # One batch at a time: statistics merge across calls, memory stays one batch deep.
-                        "CalibStridedMinMax": 1,
-                    },
-                )
-            if chatter.getvalue().strip():
-                log.debug("quantize_static: %s", chatter.getvalue().strip())
-
-        write(out_path, QuantType.QUInt8, symmetric=False)
+        prepared, regions = prepare(fp32_path, Path(tmp))
+        write_qdq(prepared, out_path, reader, regions, cfg, symmetric_activations=False)
         if trt_path is not None:
             # Calibrated again on the same pairs: the same ranges (deterministic), encoded symmetric.
-            write(Path(trt_path), QuantType.QInt8, symmetric=True)
+            write_qdq(prepared, Path(trt_path), reader, regions, cfg, symmetric_activations=True)
     record = _record(out_path, cfg, regions, "uint8, asymmetric (zero point), per tensor")
     if trt_path is not None:
         record["tensorrt"] = _record(
@@ -240,6 +199,71 @@ def quantize_model(
         )
     log.info("%s: %s", out_path.name, record["graph"])
     return record
+
+
+def prepare(fp32_path: str | Path, folder: Path) -> tuple[Path, dict[str, list[str]]]:
+    """``quant_pre_process`` of ``fp32_path`` into ``folder``, and its :func:`fp32_regions`.
+
+    Shape inference + onnxruntime's basic optimizations: batch norms folded into their convolutions (so
+    the folded weights are what gets quantized), constants folded.
+    """
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = Path(folder) / "prepared.onnx"
+    quant_pre_process(
+        str(fp32_path),
+        str(prepared),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        external_data_location="prepared.onnx.data",
+    )
+    return prepared, fp32_regions(onnx.load(str(prepared), load_external_data=False))
+
+
+def write_qdq(
+    prepared: Path,
+    out_path: Path,
+    reader: PairReader,
+    regions: dict[str, list[str]],
+    cfg: Int8Config,
+    *,
+    symmetric_activations: bool,
+    op_types: tuple[str, ...] = QUANTIZED_OP_TYPES,
+) -> None:
+    """Calibrate on ``reader`` and write the QDQ model of ``prepared`` (see :func:`prepare`).
+
+    Args:
+        symmetric_activations: signed int8 activations with zero point 0 (TensorRT's encoding) instead of
+            uint8 with a zero point (onnxruntime's fast one on x86).
+        op_types: the op types quantize_static may quantize (benchmarks/int8_variants.py tries others).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    chatter = io.StringIO()  # the calibrators print() their progress: logged, not printed over the CLI
+    with contextlib.redirect_stdout(chatter):
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=[*regions["preprocessing"], *regions["head"]],
+            calibrate_method=_calibration_method(cfg.method),
+            extra_options={
+                "ActivationSymmetric": symmetric_activations,
+                "WeightSymmetric": True,
+                "CalibPercentile": cfg.percentile,
+                # One batch at a time: statistics merge across calls, memory stays one batch deep.
+                "CalibStridedMinMax": 1,
+            },
+        )
+    if chatter.getvalue().strip():
+        log.debug("quantize_static: %s", chatter.getvalue().strip())
 
 
 def _record(path: Path, cfg: Int8Config, regions: dict[str, list[str]], activations: str) -> dict:
