@@ -178,12 +178,10 @@ def markdown(results: dict) -> str:
         )
     if "cold_start_int8" in fp:
         cs = fp["cold_start_int8"]
-        rt, th = cs["runtime"], cs["torch"]
+        label = "the same one-pair job on model.int8.onnx"
         lines.append(
-            f"- the same one-pair job on model.int8.onnx: crc-infer {rt['wall_s_median']:.2f} s / "
-            f"{rt['peak_rss_mib']:.0f} MiB, torch {th['wall_s_median']:.2f} s / {th['peak_rss_mib']:.0f} MiB "
-            f"-> cold start {cs['cold_start_ratio']:.2f}, peak RSS {r['peak_rss_int8']:.2f} "
-            f"(target <= 0.25, {_verdict('peak_rss', r['peak_rss_int8'])})"
+            _side_by_side(label, ("crc-infer", "torch"), cs, cs["cold_start_ratio"], r["peak_rss_int8"])
+            + f" (RSS target <= 0.25, {_verdict('peak_rss', r['peak_rss_int8'])})"
         )
     if "folder_job" in fp:
         fj = fp["folder_job"]

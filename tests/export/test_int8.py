@@ -409,8 +409,8 @@ def test_trt_int8_export_lists_the_symmetric_source_and_gates_the_engine(tiny_ru
         }
 
     def fake_engine_logits(engine_path, record, ref, batch_size, device=0, precision="fp16"):
-        backend = OrtBackend(engine_path.parent / record["source"], precision=precision)
-        return run_reference(backend, ref, batch_size)
+        with OrtBackend(engine_path.parent / record["source"], "cpu", precision=precision) as backend:
+            return run_reference(backend, ref, batch_size)
 
     monkeypatch.setattr(build, "require_tensorrt", lambda: None)
     monkeypatch.setattr(build, "build_engine", fake_build_engine)

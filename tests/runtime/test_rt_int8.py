@@ -89,11 +89,9 @@ def _with_int8(tiny, dest: Path, scale_factor: float = 1.0, usable: bool | None 
     logits = tiny.logits(pathology, radiology)
     ref = {"pathology": pathology, "radiology": radiology, "labels": logits.argmax(1), "logits": logits}
     np.savez(bundle / "reference.npz", **ref)
-    backend = OrtBackend(bundle / INT8_FILE, precision="int8")
-    parity = {
-        "backend": backend.name,
-        **parity_row(ref, run_reference(backend, ref, 8), "int8", DEFAULT_THRESHOLDS["int8"]),
-    }
+    with OrtBackend(bundle / INT8_FILE, "cpu", precision="int8") as backend:
+        logits = run_reference(backend, ref, 8)
+    parity = {"backend": "ort-cpu", **parity_row(ref, logits, "int8", DEFAULT_THRESHOLDS["int8"])}
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["artifacts"].append(
         {
@@ -135,7 +133,7 @@ def test_cpu_picks_the_usable_int8_artifact_and_says_why(int8_bundle, csv_copy):
     assert "int8, the fastest usable artifact on cpu" in line
     selection = open_backend(load_bundle(int8_bundle), "auto", device="cpu")
     assert selection.artifact["file"] == INT8_FILE and selection.backend.precision == "int8"
-    selection.backend.close()
+    selection.backend.deactivate()
 
 
 def test_artifact_by_precision_runs_fp32_or_int8(int8_bundle, csv_copy):
