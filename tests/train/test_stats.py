@@ -1,12 +1,19 @@
-"""McNemar's test and the unpaired z-test, cross-checked against statsmodels and hand computations."""
+"""McNemar's test, the unpaired z-test and the confidence intervals, against statsmodels and by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from crc_train.metrics import EXACT_BELOW, mcnemar, mean_sd, two_proportion_z
+from crc_train.metrics import (
+    EXACT_BELOW,
+    bootstrap_macro_f1,
+    mcnemar,
+    mean_sd,
+    two_proportion_z,
+    wilson_interval,
+)
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
-from statsmodels.stats.proportion import proportions_ztest
+from statsmodels.stats.proportion import proportion_confint, proportions_ztest
 
 
 def correctness(n11: int, b: int, c: int, n22: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +86,53 @@ def test_two_proportion_z_matches_statsmodels() -> None:
 def test_mean_sd() -> None:
     assert mean_sd([0.8, 0.9, 1.0]) == pytest.approx((0.9, 0.1))
     assert mean_sd([0.7]) == (0.7, 0.0)
+
+
+def test_wilson_interval_by_hand() -> None:
+    # 120 of 150 right, z = 1.959964: p = 0.8, z^2 = 3.841459
+    # centre = (0.8 + 3.841459 / 300) / (1 + 3.841459 / 150) = 0.812805 / 1.025610 = 0.792509
+    # half = 1.959964 * sqrt(0.8 * 0.2 / 150 + 3.841459 / 90000) / 1.025610
+    #      = 1.959964 * sqrt(0.00110935) / 1.025610 = 0.065280 / 1.025610 = 0.063650
+    low, high = wilson_interval(120, 150)
+    assert low == pytest.approx(0.792509 - 0.063650, abs=2e-6)
+    assert high == pytest.approx(0.792509 + 0.063650, abs=2e-6)
+    ref = proportion_confint(120, 150, alpha=0.05, method="wilson")
+    assert (low, high) == pytest.approx(ref, rel=1e-12)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_bootstrap_macro_f1_matches_a_plain_loop() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, 80)
+    preds = np.where(rng.random(80) < 0.7, labels, rng.integers(0, 4, 80))
+    low, high = bootstrap_macro_f1(labels, [preds], 4, resamples=300, seed=9)
+    idx = np.random.default_rng(9).integers(0, 80, size=(300, 80))
+    stats = [f1_score(labels[i], preds[i], labels=range(4), average="macro", zero_division=0) for i in idx]
+    assert (low, high) == pytest.approx(tuple(np.quantile(stats, [0.025, 0.975])), rel=1e-12)
+    point = f1_score(labels, preds, labels=range(4), average="macro", zero_division=0)
+    assert low < point < high
+    # several runs on the same pairs: the interval of their mean macro-F1, the same resamples for each
+    other = np.where(rng.random(80) < 0.5, labels, rng.integers(0, 4, 80))
+    both = bootstrap_macro_f1(labels, [preds, other], 4, resamples=300, seed=9)
+    mean = [
+        (f1_score(labels[i], preds[i], labels=range(4), average="macro", zero_division=0)
+         + f1_score(labels[i], other[i], labels=range(4), average="macro", zero_division=0)) / 2
+        for i in idx
+    ]  # fmt: skip
+    assert both == pytest.approx(tuple(np.quantile(mean, [0.025, 0.975])), rel=1e-12)
+
+
+def test_classification_metrics_carry_both_intervals() -> None:
+    from crc_train.metrics import classification_metrics
+
+    labels = np.arange(150) % 3
+    preds = labels.copy()
+    preds[:30] = (preds[:30] + 1) % 3  # 120 of 150 right
+    m = classification_metrics(labels, preds, np.eye(3, dtype=np.float32)[preds], ["a", "b", "c"])
+    assert m["accuracy_ci"] == pytest.approx(list(wilson_interval(120, 150)))
+    assert m["macro_f1_ci"] == pytest.approx(list(bootstrap_macro_f1(labels, [preds], 3)))
+    assert m["macro_f1_ci"][0] < m["macro_f1"] < m["macro_f1_ci"][1]
+    assert "Wilson" in m["ci_note"] and "2000 resamples" in m["ci_note"]

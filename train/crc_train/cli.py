@@ -15,10 +15,12 @@ import click
 
 from crc_train.config import (
     AMP_MODES,
+    AUGMENTS,
     BACKBONES,
     DATA_SOURCES,
     FUSIONS,
     LOSSES,
+    OPTIMIZERS,
     PRESETS,
     SCHEDULERS,
     SELECT_ON,
@@ -101,9 +103,10 @@ def cli() -> None:
     "--preset",
     type=click.Choice(sorted(PRESETS)),
     default=None,
-    help="paper: the seed paper's recipe (resnet50, attention fusion, 64 px, Adam, batch 32 x accumulation "
-    "4, 50 epochs, early stopping patience 10, ReduceLROnPlateau x0.1 after 5, CE+LDAM, best checkpoint on "
-    "validation loss). Flags given explicitly override the preset.",
+    help="paper: the seed paper's recipe (resnet50, attention fusion, 64 px, Adam without weight decay, "
+    "batch 32 x accumulation 4, 50 epochs, early stopping patience 10, ReduceLROnPlateau x0.1 after 5, "
+    "CE+LDAM without label smoothing, no EMA, best checkpoint on validation loss; augmentation stays on "
+    "(full): the paper does not say). Flags given explicitly override the preset.",
 )
 @click.option(
     "--data-source",
@@ -175,8 +178,46 @@ def cli() -> None:
     show_default=True,
     help="Micro-batches per optimiser step (effective batch = batch size x this x processes).",
 )
-@click.option("--lr", type=float, default=_T.lr, show_default=True, help="Adam learning rate.")
-@click.option("--weight-decay", type=float, default=_T.weight_decay, show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=_T.optimizer,
+    show_default=True,
+    help="adamw (decoupled weight decay) or adam (the paper's; weight decay is then L2).",
+)
+@click.option(
+    "--lr", type=float, default=_T.lr, show_default=True, help="Peak learning rate (after the warm-up)."
+)
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=_T.weight_decay,
+    show_default=True,
+    help="Weight decay of conv kernels and weight matrices (biases, norms, gates: none).",
+)
+@click.option(
+    "--label-smoothing",
+    type=float,
+    default=_T.label_smoothing,
+    show_default=True,
+    help="Label smoothing of the cross-entropy term (0 = off).",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(AUGMENTS),
+    default=_T.augment,
+    show_default=True,
+    help="Training augmentation: full = pathology D4 flips/rotations + H&E stain and brightness/contrast "
+    "jitter, CT small intensity + affine jitter (never flipped); d4 = pathology flips/rotations only; none.",
+)
+@click.option(
+    "--ema-decay",
+    type=float,
+    default=_T.ema_decay or 0.0,
+    show_default=True,
+    help="Keep an exponential moving average of the weights with this decay (e.g. 0.999); validation, "
+    "checkpoint.pt and the export use it. 0 = off.",
+)
 @click.option(
     "--loss",
     type=click.Choice(LOSSES),
@@ -197,7 +238,21 @@ def cli() -> None:
     default=None,
     help="Early stopping: stop after N epochs without a lower validation loss [default: off].",
 )
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=_T.scheduler, show_default=True)
+@click.option(
+    "--scheduler",
+    type=click.Choice(SCHEDULERS),
+    default=_T.scheduler,
+    show_default=True,
+    help="cosine: linear warm-up then cosine decay to 0, per step; plateau: ReduceLROnPlateau on the "
+    "validation loss; none: constant.",
+)
+@click.option(
+    "--warmup-epochs",
+    type=float,
+    default=_T.warmup_epochs,
+    show_default=True,
+    help="Warm-up of the cosine schedule, in epochs (fractions allowed).",
+)
 @click.option("--plateau-factor", type=float, default=_T.plateau_factor, show_default=True)
 @click.option("--plateau-patience", type=int, default=_T.plateau_patience, show_default=True)
 @click.option(
@@ -284,6 +339,7 @@ def train_command(ctx: click.Context, **opts) -> None:  # noqa: ANN003 - click p
             **{f: opts[f] for f in _TRAIN_FLAGS},
             compile=opts["compile_"],
             progress=not opts["quiet"],
+            ema_decay=opts["ema_decay"] or None,
         ),
     )
     cfg.validate()  # before importing torch or writing anything: bad values fail fast, naming the flag
@@ -298,6 +354,7 @@ _TRAIN_FLAGS = (
     "epochs", "batch_size", "lr", "weight_decay", "seed", "workers", "device", "out", "log_interval",
     "accumulation_steps", "loss", "ldam_max_margin", "ldam_scale", "ldam_weight", "patience", "scheduler",
     "plateau_factor", "plateau_patience", "select_on", "amp", "channels_last", "freeze_epochs", "evaluate",
+    "optimizer", "label_smoothing", "augment", "warmup_epochs",
 )  # fmt: skip
 #: The only flags --resume accepts.
 _RESUME_FLAGS = ("resume", "epochs", "device", "workers", "log_interval", "quiet", "evaluate")
@@ -329,10 +386,9 @@ def _report(result) -> None:  # noqa: ANN001 - a training.RunResult
         )
         click.echo(f"run dir: {result.run_dir}")
         return
-    click.echo(
-        f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-        f"(best epoch {m['best_epoch']}, {m['n_test']} test pairs)"
-    )
+    from crc_train.evaluation import result_line
+
+    click.echo(f"{result_line(m)}  (best epoch {m['best_epoch']}, {m['n_test']} test pairs)")
     click.echo(f"run dir: {result.run_dir}")
 
 
@@ -351,11 +407,11 @@ def _report(result) -> None:  # noqa: ANN001 - a training.RunResult
 def evaluate_command(run_dir: str, device: str, batch_size: int, ablation_seed: int, quiet: bool) -> None:
     """(Re)write metrics.json, report.md, test_predictions.npz and the figures of RUN_DIR."""
     configure_logging(quiet)
-    from crc_train.evaluation import evaluate_run
+    from crc_train.evaluation import evaluate_run, result_line
 
     m = evaluate_run(run_dir, device=device, batch_size=batch_size, ablation_seed=ablation_seed)
     click.echo(
-        f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+        f"{result_line(m)}  "
         f"ROC AUC ovr {m['roc_auc_ovr'] if m['roc_auc_ovr'] is None else round(m['roc_auc_ovr'], 4)}  "
         f"radiology shuffled {m['ablation_accuracy']:.4f}  ({m['n_test']} test pairs)"
     )

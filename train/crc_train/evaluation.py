@@ -47,6 +47,8 @@ __all__ = [
     "FIGURES",
     "RunDirError",
     "evaluate_run",
+    "format_ci",
+    "result_line",
     "predict",
     "read_predictions",
     "markdown_table",
@@ -245,12 +247,7 @@ def evaluate_run(
     write_json(run_dir / "metrics.json", result)
     report = render_run_report(result, config)
     write_text_atomic(run_dir / "report.md", report)
-    log.info(
-        "test accuracy %.4f macro-F1 %.4f; radiology shuffled %.4f",
-        result["accuracy"],
-        result["macro_f1"],
-        result["ablation_accuracy"],
-    )
+    log.info("%s; radiology shuffled %.4f", result_line(result), result["ablation_accuracy"])
     return result
 
 
@@ -329,6 +326,19 @@ def _gradcam_figure(
 
 def _f(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_ci(ci: list[float] | tuple[float, float] | None, digits: int = 4) -> str:
+    """ "low-high" of a confidence interval, or "n/a"."""
+    return "n/a" if not ci else f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
+
+
+def result_line(m: dict[str, Any]) -> str:
+    """The one-line test result every command prints: accuracy and macro-F1 with their 95 % CIs."""
+    return (
+        f"test accuracy {m['accuracy']:.4f} (95% CI {format_ci(m.get('accuracy_ci'))})  "
+        f"macro-F1 {m['macro_f1']:.4f} (95% CI {format_ci(m.get('macro_f1_ci'))})"
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
@@ -439,22 +449,28 @@ def render_run_report(m: dict[str, Any], config: dict[str, Any]) -> str:
         "## Table 5: overall test performance",
         "",
         *markdown_table(
-            ["metric", "value"],
+            ["metric", "value", "95 % CI"],
             [
-                ["accuracy", _f(m["accuracy"])],
-                ["macro precision", _f(m["macro_precision"])],
-                ["macro recall", _f(m["macro_recall"])],
-                ["macro F1", _f(m["macro_f1"])],
-                ["ROC AUC, one-vs-rest (macro)", _f(m["roc_auc_ovr"])],
-                ["ROC AUC, one-vs-one (macro)", _f(m["roc_auc_ovo"])],
-                ["PR AUC (macro average precision)", _f(m["pr_auc"])],
-                ["test loss (cross-entropy)", _f(m.get("loss"))],
+                ["accuracy", _f(m["accuracy"]), format_ci(m.get("accuracy_ci"))],
+                ["macro precision", _f(m["macro_precision"]), ""],
+                ["macro recall", _f(m["macro_recall"]), ""],
+                ["macro F1", _f(m["macro_f1"]), format_ci(m.get("macro_f1_ci"))],
+                ["ROC AUC, one-vs-rest (macro)", _f(m["roc_auc_ovr"]), ""],
+                ["ROC AUC, one-vs-one (macro)", _f(m["roc_auc_ovo"]), ""],
+                ["PR AUC (macro average precision)", _f(m["pr_auc"]), ""],
+                ["test loss (cross-entropy)", _f(m.get("loss")), ""],
             ],
         ),
         "",
         "Macro averages weight the 9 classes equally (a class absent from the test labels counts as 0 "
         "for precision/recall/F1).",
     ]
+    if m.get("ci_note"):
+        lines += [
+            "",
+            f"{m['ci_note']}. They cover the sampling of the {m['n_test']} test pairs only, not the "
+            "variation between training seeds.",
+        ]
     if m.get("auc_note"):
         lines += ["", f"Note: {m['auc_note']}."]
     key = ", ".join(f"{short_name(c)} ({c})" for c in KEY_CLASSES if c in classes)

@@ -90,6 +90,8 @@ class TrainLoss(nn.Module):
         max_margin: LDAM's largest margin.
         scale: LDAM's scale s.
         weight: lambda, the weight of the LDAM term in "ce+ldam".
+        label_smoothing: epsilon of the CE term (the target puts 1 - epsilon + epsilon / C on the true
+            class and epsilon / C on each other); LDAM is never smoothed, its margin already softens it.
     """
 
     def __init__(
@@ -99,12 +101,14 @@ class TrainLoss(nn.Module):
         max_margin: float = 0.5,
         scale: float = 30.0,
         weight: float = 1.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if kind not in ("ce", "ldam", "ce+ldam"):
             raise ValueError(f"unknown loss {kind!r}")
         self.kind = kind
         self.weight = weight
+        self.label_smoothing = label_smoothing
         self.ldam = LDAMLoss(class_counts, max_margin, scale) if kind != "ce" else None
 
     @property
@@ -118,10 +122,11 @@ class TrainLoss(nn.Module):
         """Scalar loss from raw logits [N, C], cosine logits [N, C] (or None for "ce") and labels [N]."""
         logits = logits.float()  # the loss in float32 also under autocast
         if self.kind == "ce":
-            return F.cross_entropy(logits, labels)
+            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if cosine is None:
             raise ValueError(f"loss {self.kind!r} needs the cosine logits")
         ldam = self.ldam(cosine.float(), labels)
         if self.kind == "ldam":
             return ldam
-        return F.cross_entropy(logits, labels) + self.weight * ldam
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return ce + self.weight * ldam

@@ -34,13 +34,17 @@ DPI = 150
 CURVES_PNG = "training_curves.png"
 
 
-def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+def plot_training_curves(
+    rows: list[dict[str, Any]], path: Path, title: str = "", mark_lr_drops: bool = True
+) -> None:
     """Two panels (loss, accuracy), train and validation per epoch; written atomically.
 
     Args:
         rows: metrics.csv rows (epoch, train_loss, train_acc, val_loss, val_acc, lr as strings or numbers).
         path: the PNG to write.
         title: figure title (e.g. backbone / fusion / loss).
+        mark_lr_drops: draw a dotted line where the rate fell (ReduceLROnPlateau); off for a cosine
+            schedule, whose rate falls every epoch.
     """
     from matplotlib.figure import Figure
 
@@ -56,17 +60,17 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path, title: str = ""
     ax_acc.plot(epochs, col["val_acc"], marker=marker, label="validation")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
     # mark learning-rate drops (ReduceLROnPlateau) on both panels
-    for prev, cur, e in zip(col["lr"][:-1], col["lr"][1:], epochs[1:], strict=True):
-        if cur < prev:
-            for ax in (ax_loss, ax_acc):
-                ax.axvline(e, color="grey", linestyle=":", linewidth=1)
+    drops = [e for prev, cur, e in zip(col["lr"][:-1], col["lr"][1:], epochs[1:], strict=True) if cur < prev]
+    for e in drops if mark_lr_drops else []:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(e, color="grey", linestyle=":", linewidth=1)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
         if epochs:
             ax.set_xticks(epochs if len(epochs) <= 15 else ax.get_xticks())
     if title:
-        fig.suptitle(title + ("   (dotted: learning-rate drop)" if len(set(col["lr"])) > 1 else ""))
+        fig.suptitle(title + ("   (dotted: learning-rate drop)" if mark_lr_drops and drops else ""))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
 

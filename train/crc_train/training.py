@@ -1,19 +1,21 @@
 """The training run: read ``train`` top to bottom.
 
-load data -> stats -> model (+ pretrained weights) -> loss, Adam, ReduceLROnPlateau, GradScaler ->
-[resume from last.pt] -> run dir, config.json (nothing is written before: a refused run leaves
-no trace) -> for each epoch: (un)freeze backbones, ``train_one_epoch``, ``evaluate`` (val),
-scheduler step, keep the best checkpoint, early stopping, metrics.csv + training_curves.png + last.pt ->
+load data -> stats -> model (+ pretrained weights) -> loss, optimiser and schedule (optim.py), EMA
+(ema.py), augmentation (augment.py), GradScaler -> [resume from last.pt] -> run dir, config.json (nothing
+is written before: a refused run leaves no trace) -> for each epoch: (un)freeze backbones,
+``train_one_epoch``, ``evaluate`` (val, on the EMA weights when on), plateau step, keep the best
+checkpoint, early stopping, metrics.csv + training_curves.png + last.pt ->
 evaluate the best checkpoint on the test split (``evaluation.evaluate_run``: metrics.json, report.md,
 test_predictions.npz, figures).
 
 Run dir files written here (through rundir.py, each atomically): config.json, checkpoint.pt (best
 epoch), last.pt (resume state, every epoch), metrics.csv (one row per epoch), training_curves.png.
 
-One epoch (``train_one_epoch``): gradient accumulation, AMP, DDP's ``no_sync``, a progress bar and the
-fixed-format log line. ``TrainForward`` is what DistributedDataParallel and ``torch.compile`` wrap: a
-forward pass that returns the raw logits and, when the loss needs them, the head's cosine logits
-(losses.py), so every parameter use happens inside the wrapped forward and DDP sees all gradients.
+One epoch (``train_one_epoch``): augmentation of each batch on the device, gradient accumulation, AMP,
+DDP's ``no_sync``, the per-step schedule and EMA update, a progress bar and the fixed-format log line.
+``TrainForward`` is what DistributedDataParallel and ``torch.compile`` wrap: a forward pass that returns
+the raw logits and, when the loss needs them, the head's cosine logits (losses.py), so every parameter
+use happens inside the wrapped forward and DDP sees all gradients.
 
 Several processes (``torchrun --nproc-per-node N -m crc_train.cli train ...``): torchrun sets RANK /
 WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and ``init_from_env`` reads them. Backend: NCCL on
@@ -45,11 +47,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from crc_train.augment import Augment
 from crc_train.config import RunConfig, TrainConfig
 from crc_train.data import PairedDataset, channel_stats, load_split
+from crc_train.ema import ModelEma
 from crc_train.errors import CheckpointError, ConfigError, DivergedError
 from crc_train.losses import TrainLoss, cosine_logits
 from crc_train.model import build_model, load_pretrained, set_backbones_trainable, source_state_dict
+from crc_train.optim import build_optimizer, build_scheduler
 from crc_train.plots import CURVES_PNG, plot_training_curves
 from crc_train.rundir import (
     FORMAT_VERSION,
@@ -193,18 +198,19 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     seed_everything(tcfg.seed + ctx.rank)  # dropout masks differ between ranks; rank 0 as single-process
     counts = np.bincount(splits["train"].labels, minlength=cfg.model.num_classes)
-    loss_fn = TrainLoss(tcfg.loss, counts, tcfg.ldam_max_margin, tcfg.ldam_scale, tcfg.ldam_weight).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = None
-    if tcfg.scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=tcfg.plateau_factor, patience=tcfg.plateau_patience
-        )
+    loss_fn = TrainLoss(
+        tcfg.loss, counts, tcfg.ldam_max_margin, tcfg.ldam_scale, tcfg.ldam_weight, tcfg.label_smoothing
+    ).to(device)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, len(train_loader))
+    per_step_scheduler = scheduler if tcfg.scheduler == "cosine" else None
     scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
+    augment = Augment(tcfg.augment)
+    ema = ModelEma(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     progress, rows, start_epoch = Progress(), [], 1
     if resume_state is not None:
         where = Path(tcfg.out) / "last.pt"
-        _restore(resume_state, model, optimizer, scheduler, scaler, train_loader, ctx, where)
+        _restore(resume_state, model, ema, optimizer, scheduler, scaler, train_loader, ctx, where)
         progress = Progress(**resume_state["progress"])
         rows, start_epoch = list(resume_state["rows"]), int(resume_state["epoch"]) + 1
         log.info("resuming after epoch %d (best epoch %d)", start_epoch - 1, progress.best_epoch)
@@ -222,10 +228,17 @@ def train(
         write_json(run_dir / "config.json", config_dict)
     log.info("run %s in %s on %s, %d process(es)", run_id, run_dir, device, ctx.world_size)
     log.info(
-        "%s/%s, loss %s: %.2fM parameters, %d train / %d val pairs, %d x %d pairs per step",
+        "%s/%s, loss %s, %s, %s schedule, augment %s, EMA %s",
         cfg.model.backbone,
         cfg.model.fusion,
         tcfg.loss,
+        tcfg.optimizer,
+        tcfg.scheduler,
+        tcfg.augment,
+        tcfg.ema_decay if ema is not None else "off",
+    )
+    log.info(
+        "%.2fM parameters, %d train / %d val pairs, %d x %d pairs per step",
         sum(p.numel() for p in model.parameters()) / 1e6,
         len(splits["train"]),
         len(splits["val"]),
@@ -251,14 +264,15 @@ def train(
         train_loss, train_acc = train_one_epoch(
             forward, train_loader, optimizer, loss_fn, device, epoch,
             accumulation_steps=tcfg.accumulation_steps, amp=tcfg.amp, scaler=scaler, ctx=ctx,
-            log_interval=tcfg.log_interval, progress=tcfg.progress,
+            log_interval=tcfg.log_interval, progress=tcfg.progress, augment=augment, ema=ema,
+            scheduler=per_step_scheduler,
         )  # fmt: skip
-        val = evaluate(model, val_loader, device, amp=tcfg.amp, ctx=ctx)
+        val = evaluate(ema.module if ema is not None else model, val_loader, device, amp=tcfg.amp, ctx=ctx)
         if not math.isfinite(val["loss"]):
             raise DivergedError(
                 f"the validation loss became {val['loss']} at epoch {epoch}: {_DIVERGED_HINT.format(lr=lr)}"
             )
-        if scheduler is not None:
+        if scheduler is not None and per_step_scheduler is None:
             scheduler.step(val["loss"])
         rows.append(
             {
@@ -291,13 +305,15 @@ def train(
         rng = gather_objects(ctx, capture_rng(train_loader.generator))
         if ctx.is_main:
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            ema_state = ema.state_dict() if ema is not None else None
             if improved:
                 save_checkpoint(
                     run_dir / "checkpoint.pt",
                     {
                         "format_version": FORMAT_VERSION,
                         "model_config": config_dict["model"],
-                        "state_dict": weights,
+                        # with EMA on, the averaged weights are the model (validated, tested, exported)
+                        "state_dict": ema_state["state_dict"] if ema_state is not None else weights,
                         "classes": list(classes),
                         "image_size": cfg.model.image_size,
                         "normalization": normalization,
@@ -308,8 +324,11 @@ def train(
                     },
                 )
             write_metrics_csv(run_dir / "metrics.csv", rows)
-            title = f"{cfg.model.backbone} / fusion {cfg.model.fusion} / loss {tcfg.loss}"
-            plot_training_curves(rows, run_dir / CURVES_PNG, title)
+            title = (
+                f"{cfg.model.backbone} / fusion {cfg.model.fusion} / loss {tcfg.loss} / "
+                f"augment {tcfg.augment}"
+            )
+            plot_training_curves(rows, run_dir / CURVES_PNG, title, mark_lr_drops=tcfg.scheduler == "plateau")
             save_last(
                 run_dir / "last.pt",
                 {
@@ -320,6 +339,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": ema_state,
                     "progress": progress.to_dict(),
                     "rows": rows,
                     "rng": rng,
@@ -359,6 +379,7 @@ def _make_run_dir(run_dir: Path, new: bool, overwrite: bool) -> None:
 def _restore(
     state: dict[str, Any],
     model: nn.Module,
+    ema: ModelEma | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
@@ -373,7 +394,18 @@ def _restore(
     """
     check_state_dict(model, state["state_dict"], where)
     model.load_state_dict(state["state_dict"])
-    check_optimizer_state(state["optimizer"], list(model.parameters()), where)
+    if ema is not None:
+        saved = state.get("ema")
+        if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+            raise CheckpointError(f"{where}: the run averages its weights (EMA) but last.pt holds no average")
+        check_state_dict(ema.module, saved["state_dict"], f"{where} (ema)")
+        try:
+            ema.load_state_dict(saved)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: ema state is not usable ({exc})") from None
+    # the optimiser numbers parameters in the order of its groups (AdamW: decayed, then not decayed)
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    check_optimizer_state(state["optimizer"], grouped, where)
     parts = [("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)]
     for name, target in parts:
         if target is None or (name == "scaler" and not state.get("scaler")):
@@ -399,7 +431,7 @@ def _finish(
     tcfg: TrainConfig,
 ) -> dict[str, Any]:
     """Write the training half of metrics.json, then evaluate the best checkpoint on the test split."""
-    from crc_train.evaluation import evaluate_run
+    from crc_train.evaluation import evaluate_run, result_line
 
     write_json(
         run_dir / "metrics.json",
@@ -419,12 +451,7 @@ def _finish(
         log.info("no test evaluation (evaluate=False): crc-train evaluate %s writes it", run_dir)
         return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     metrics = evaluate_run(run_dir, device=device.type, batch_size=max(tcfg.batch_size, 64))
-    log.info(
-        "test accuracy %.4f macro-F1 %.4f (best epoch %d)",
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        progress.best_epoch,
-    )
+    log.info("%s (best epoch %d)", result_line(metrics), progress.best_epoch)
     return metrics
 
 
@@ -476,12 +503,18 @@ def train_one_epoch(
     ctx: DistContext | None = None,
     log_interval: int = 50,
     progress: bool = False,
+    augment: Augment | None = None,
+    ema: ModelEma | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean loss, accuracy) over the pairs of every rank.
 
-    Gradients of ``accumulation_steps`` micro-batches (each loss divided by that number) are summed
-    before one optimiser step; a last, shorter group at the end of the epoch still steps. Under DDP the
-    gradient all-reduce runs only on the micro-batch that steps (``no_sync`` on the others).
+    Each micro-batch is moved to ``device``, then augmented there (``augment``, uint8 in and out) before the
+    forward pass. Gradients of ``accumulation_steps`` micro-batches (each loss divided by that number) are
+    summed before one optimiser step; a last, shorter group at the end of the epoch still steps. After each
+    optimiser step ``scheduler`` (a per-step schedule) steps and ``ema`` takes the new weights. Under DDP
+    the gradient all-reduce runs only on the micro-batch that steps (``no_sync`` on the others). The
+    reported accuracy is on the augmented batches.
     """
     ctx = ctx or DistContext()
     forward.train()
@@ -496,7 +529,7 @@ def train_one_epoch(
         with redirect:
             total_loss, correct, seen = _epoch_steps(
                 forward, loader, optimizer, loss_fn, device, epoch, accumulation_steps, amp, scaler, ctx,
-                log_interval, bar,
+                log_interval, bar, augment, ema, scheduler,
             )  # fmt: skip
     finally:
         if bar is not None:
@@ -518,6 +551,9 @@ def _epoch_steps(
     ctx,
     log_interval,
     bar,
+    augment,
+    ema,
+    scheduler,
 ) -> tuple[float, int, int]:  # noqa: ANN001 - the arguments of train_one_epoch
     total_loss, correct, seen = 0.0, 0, 0
     t0, window_pairs = time.perf_counter(), 0
@@ -527,6 +563,8 @@ def _epoch_steps(
         pathology = pathology.to(device, non_blocking=True)
         radiology = radiology.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if augment is not None:
+            pathology, radiology = augment(pathology, radiology)
         steps_now = i % accumulation_steps == 0 or i == n_batches
         sync = contextlib.nullcontext() if steps_now or not hasattr(forward, "no_sync") else forward.no_sync()
         with sync:
@@ -542,6 +580,10 @@ def _epoch_steps(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update()
 
         n = labels.shape[0]
         loss_value = loss.item()  # syncs once per micro-batch; cheap next to the step itself
