@@ -1,4 +1,4 @@
-"""`crc-train`: train the fusion model (the default command), `evaluate` a run dir, `compare` runs.
+"""`crc-train`: train the fusion model (the default command), `evaluate` a run dir, `compare` runs, `table`.
 
 This module imports without torch: torch, torchvision and medmnist are imported inside the commands, and
 ``main`` first checks that the training extra is installed.
@@ -467,8 +467,40 @@ def compare_command(runs: tuple[str, ...], markdown_path: str | None, json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
+@click.command("table", short_help="One fusion table of many runs, grouped by backbone and fusion.")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Also write the table here."
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the result as JSON here."
+)
+def table_command(runs: tuple[str, ...], markdown_path: str | None, json_path: str | None) -> None:
+    """Group RUNS by backbone / image size / fusion and print one table (the paper's Table 5).
+
+    \b
+    crc-train table runs/none-s0 runs/none-s1 runs/attention-s0 runs/attention-s1 --markdown table.md
+
+    Per group: accuracy and macro-F1 mean +- sd over seeds with 95 % CIs, the accuracy with radiology
+    shuffled, and McNemar's test against the fusion-none group of the same backbone, run paired with run by
+    training seed.
+    """
+    import json
+
+    from crc_train.table import fusion_table, render_table
+
+    result = fusion_table(list(runs))
+    text = render_table(result)
+    click.echo(text)
+    if markdown_path:
+        Path(markdown_path).write_text(text, encoding="utf-8")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 cli.add_command(evaluate_command)
 cli.add_command(compare_command)
+cli.add_command(table_command)
 
 
 def main(argv: list[str] | None = None) -> int:

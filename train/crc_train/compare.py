@@ -16,7 +16,7 @@ from crc_train.errors import UserError
 from crc_train.evaluation import RunDirError, markdown_table, read_predictions
 from crc_train.metrics import PAIRED_VS_UNPAIRED, mcnemar, mean_sd, two_proportion_z
 
-__all__ = ["CompareError", "compare_runs", "render_compare"]
+__all__ = ["CompareError", "check_same_pairs", "compare_runs", "load_run", "render_compare"]
 
 
 class CompareError(UserError):
@@ -29,14 +29,31 @@ def _macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
     return float(f1_score(labels, preds, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
-def _load(run_dir: Path) -> dict[str, Any]:
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from exc
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """What comparisons read from a run dir: its test predictions, metrics.json and config.json.
+
+    Returns:
+        ``dir``, ``name``, ``labels``, ``preds``, ``pair_index``, ``sha``, ``classes``, ``n_classes``,
+        ``acc``, ``f1``, ``metrics`` (metrics.json, {} when absent) and ``config`` (config.json, {}).
+
+    Raises:
+        RunDirError: the run dir or its test_predictions.npz is missing or unreadable.
+    """
     if not run_dir.is_dir():
         raise RunDirError(f"run dir not found: {run_dir}")
     pred = read_predictions(run_dir)
     labels = pred["labels"].astype(np.int64).reshape(-1)
     preds = pred["preds"].astype(np.int64).reshape(-1)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    metrics = _json_or_empty(run_dir / "metrics.json")
     n_classes = pred["probs"].shape[1]
     return {
         "dir": run_dir,
@@ -49,10 +66,13 @@ def _load(run_dir: Path) -> dict[str, Any]:
         "n_classes": n_classes,
         "acc": float((labels == preds).mean()),
         "f1": _macro_f1(labels, preds, n_classes),
+        "metrics": metrics,
+        "config": _json_or_empty(run_dir / "config.json"),
     }
 
 
-def _check_same_pairs(ref: dict[str, Any], run: dict[str, Any]) -> None:
+def check_same_pairs(ref: dict[str, Any], run: dict[str, Any]) -> None:
+    """Refuse (CompareError) two ``load_run`` results that did not predict the same test pairs."""
     where = f"{run['dir']} and {ref['dir']}"
     if len(run["labels"]) != len(ref["labels"]):
         raise CompareError(
@@ -99,10 +119,10 @@ def compare_runs(runs_a: list[str | Path], runs_b: list[str | Path]) -> dict[str
     """
     if not runs_a or not runs_b:
         raise CompareError("compare needs at least one run on each side: crc-train compare RUN_A --vs RUN_B")
-    a = [_load(Path(p)) for p in runs_a]
-    b = [_load(Path(p)) for p in runs_b]
+    a = [load_run(Path(p)) for p in runs_a]
+    b = [load_run(Path(p)) for p in runs_b]
     for run in a[1:] + b:
-        _check_same_pairs(a[0], run)
+        check_same_pairs(a[0], run)
     if len(a) == len(b):
         pairs = list(zip(a, b, strict=True))
         pairing = f"one test per seed pair, A_i vs B_i in the order given ({len(pairs)})"
