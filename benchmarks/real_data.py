@@ -42,9 +42,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     # crc-train's default recipe: augmentation full, AdamW, cosine with warm-up, label smoothing
     "fused": {"fusion": "attention"},
     "pathology-only": {"fusion": "none"},
+    # the default recipe with the CT partners re-drawn across each training batch (--shuffle-pairs)
+    "fused-shuffled": {"fusion": "attention", "shuffle_pairs": True},
     # the default recipe without augmentation
     "fused-noaug": {"fusion": "attention", "augment": "none"},
     "pathology-only-noaug": {"fusion": "none", "augment": "none"},
+    # the default recipe with the eight flips / rotations only (--augment d4)
+    "fused-d4": {"fusion": "attention", "augment": "d4"},
+    "pathology-only-d4": {"fusion": "none", "augment": "d4"},
     # the recipe before augmentation and regularisation existed: Adam, constant rate, plain CE
     "fused-legacy": {"fusion": "attention", "scheduler": "none", **_LEGACY},
     "pathology-only-legacy": {"fusion": "none", "scheduler": "none", **_LEGACY},

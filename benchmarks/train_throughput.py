@@ -1,12 +1,13 @@
 """Training throughput: pairs/s and peak memory of the real training step, per precision mode.
 
     python benchmarks/train_throughput.py [--device auto] [--backbone resnet50] [--size 64]
-        [--batch-size 32] [--steps 20] [--warmup 3] [--modes off,bf16,fp16,fp16+cl]
+        [--batch-size 32] [--steps 20] [--warmup 3] [--modes off,bf16,fp16,fp16+cl] [--augment full]
         [--out train_throughput.json]
 
-The step is crc_train's own (engine.train_one_epoch: TrainForward, CE+LDAM, Adam, AMP / GradScaler) on
-random uint8 pairs (speed does not depend on the data). Each mode runs in a fresh subprocess so peak
-memory is that mode's alone: peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+The step is crc_train's own (training.train_one_epoch: augmentation on the device, TrainForward, CE+LDAM,
+the default optimiser (AdamW), AMP / GradScaler) on random uint8 pairs (speed does not depend on the
+data). Each mode runs in a fresh subprocess so peak memory is that mode's alone: peak RSS on the CPU,
+``torch.cuda.max_memory_allocated`` on a GPU.
 Modes: ``off`` (FP32), ``bf16``, ``fp16`` (CUDA only, with GradScaler); ``+cl`` adds channels_last,
 ``+compile`` torch.compile. Default: ``off`` on the CPU, ``off,bf16,fp16,fp16+cl`` on a GPU.
 """
@@ -26,9 +27,11 @@ from pathlib import Path
 def _child(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
-    from crc_train.config import ModelConfig
+    from crc_train.augment import Augment
+    from crc_train.config import ModelConfig, TrainConfig
     from crc_train.losses import TrainLoss
     from crc_train.model import build_model
+    from crc_train.optim import build_optimizer
     from crc_train.training import TrainForward, train_one_epoch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -51,7 +54,8 @@ def _child(args: argparse.Namespace) -> dict:
     forward = TrainForward(model, loss_fn.needs_cosine)
     if "compile" in extras:
         forward = torch.compile(forward)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    augment = Augment(args.augment)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def run(first: int, count: int) -> float:
@@ -61,7 +65,16 @@ def _child(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         train_one_epoch(
-            forward, loader, optimizer, loss_fn, device, 1, amp=amp, scaler=scaler, log_interval=10**9
+            forward,
+            loader,
+            optimizer,
+            loss_fn,
+            device,
+            1,
+            amp=amp,
+            scaler=scaler,
+            log_interval=10**9,
+            augment=augment,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()  # the timing ends when the GPU is done
@@ -97,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimiser steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--loss", default="ce+ldam", choices=["ce", "ldam", "ce+ldam"])
+    ap.add_argument("--augment", default="full", choices=["none", "d4", "full"], help="training augmentation")
     ap.add_argument("--modes", default=None, help="comma list, e.g. off,bf16,fp16,fp16+cl,bf16+compile")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -120,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     setup = {
-        k: getattr(args, k) for k in ("device", "backbone", "fusion", "size", "batch_size", "steps", "loss")
+        k: getattr(args, k)
+        for k in ("device", "backbone", "fusion", "size", "batch_size", "steps", "loss", "augment")
     }
     print(f"training throughput: {args.backbone}/{args.fusion} @ {args.size} px, batch {args.batch_size}, "
-          f"{args.steps} timed steps, loss {args.loss}, {args.device}")  # fmt: skip
+          f"{args.steps} timed steps, loss {args.loss}, augment {args.augment}, {args.device}")  # fmt: skip
     print(f"{'mode':<16} {'pairs/s':>9} {'ms/step':>9} {'peak MiB':>9}  peak of")
     for r in rows:
         if "error" in r:

@@ -143,3 +143,20 @@ def test_same_seed_same_augmentation() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="augment must be one of"):
         Augment("heavy")
+
+
+@pytest.mark.parametrize("mode", ["none", "d4"])  # modes that leave the CT pixels alone
+def test_pair_shuffle_re_pairs_radiology_across_the_batch(mode: str) -> None:
+    n = 64
+    p = torch.zeros(n, S, S, 3, dtype=torch.uint8)
+    r = (
+        torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, S, S, 1).contiguous()
+    )  # slice i is all i
+    torch.manual_seed(0)
+    _, ar = Augment(mode, pair_shuffle=True)(p, r)
+    ids = ar[:, 0, 0, 0].long()
+    assert sorted(ids.tolist()) == list(range(n))  # the same slices, each once ...
+    assert (ids != torch.arange(n)).sum() > n // 2  # ... with new partners
+    assert torch.equal(ar, r[ids])  # whole slices move, untouched by d4 / none
+    aug = Augment(mode, pair_shuffle=True).eval()
+    assert aug(p, r)[1] is r  # evaluation keeps the seeded pairing

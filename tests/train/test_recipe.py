@@ -111,7 +111,8 @@ def test_preset_paper_with_overrides_then_compare(
     # ... the preset sets everything else
     preset = PRESETS["paper"]
     for key in ("accumulation_steps", "patience", "scheduler", "plateau_factor", "loss", "select_on",
-                "optimizer", "weight_decay", "label_smoothing", "ema_decay", "augment"):  # fmt: skip
+                "optimizer", "weight_decay", "label_smoothing", "ema_decay", "augment",
+                "shuffle_pairs"):  # fmt: skip
         assert t["train"][key] == preset[("train", key)], key
     assert (t["train"]["optimizer"], t["train"]["ema_decay"], t["train"]["augment"]) == ("adam", None, "full")
     assert t["model"]["fusion"] == "attention" and t["train"]["accumulation_steps"] == 4

@@ -28,6 +28,13 @@ Modes (``TrainConfig.augment``):
     U(-10, 10) degrees, scale U(0.95, 1.05) and translation U(-4, 4) % of the side, bilinear, zero
     (air) outside. **Never flipped**: an axial CT slice has a left and a right (the liver is on the
     patient's right), so a mirror image is not a plausible scan; every warp has a positive determinant.
+
+Pair shuffling (``TrainConfig.shuffle_pairs``, independent of the mode) is not an image augmentation: it
+permutes the radiology images across the training batch at every step, so each tissue tile meets a new CT
+slice every time. It is valid only because the pathology-radiology pairing is synthetic (different
+patients, a seeded permutation): a fixed partner is then an arbitrary per-pair identifier from which a
+fused model memorises the training labels, and that memorised noise costs held-out accuracy. On real
+paired data it would destroy the signal fusion is for.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ __all__ = [
     "apply_d4",
     "colour_jitter_he",
     "intensity_affine_ct",
+    "shuffle_pairs",
 ]
 
 #: Number of symmetries of the square (the dihedral group D4).
@@ -176,6 +184,11 @@ def intensity_affine_ct(
     return _to_uint8(x).view(n, *images.shape[1:])
 
 
+def shuffle_pairs(radiology: torch.Tensor) -> torch.Tensor:
+    """The radiology batch in a fresh random order (torch's global generator): new synthetic partners."""
+    return radiology[torch.randperm(radiology.shape[0]).to(radiology.device)]
+
+
 class Augment(nn.Module):
     """The training augmentation of one mode (see the module docstring); the identity in ``eval()`` mode.
 
@@ -183,18 +196,24 @@ class Augment(nn.Module):
 
     Args:
         mode: "none", "d4" or "full".
+        pair_shuffle: also re-pair the radiology images across the batch (``shuffle_pairs``).
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, pair_shuffle: bool = False) -> None:
         super().__init__()
         if mode not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {mode!r}")
         self.mode = mode
+        self.pair_shuffle = pair_shuffle
 
     @torch.no_grad()
     def forward(self, pathology: torch.Tensor, radiology: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented pathology uint8 [N, S, S, 3] and radiology uint8 [N, S, S, 1]; the inputs in eval()."""
-        if not self.training or self.mode == "none":
+        if not self.training:
+            return pathology, radiology
+        if self.pair_shuffle:
+            radiology = shuffle_pairs(radiology)
+        if self.mode == "none":
             return pathology, radiology
         n = pathology.shape[0]
         codes = torch.randint(0, D4_SIZE, (n,)).to(pathology.device)

@@ -211,6 +211,14 @@ def cli() -> None:
     "jitter, CT small intensity + affine jitter (never flipped); d4 = pathology flips/rotations only; none.",
 )
 @click.option(
+    "--shuffle-pairs/--fixed-pairs",
+    default=_T.shuffle_pairs,
+    show_default=True,
+    help="Re-pair the CT slices across each training batch at every step. Valid only because the pairing "
+    "is synthetic: a fixed partner is a per-pair ID a fused model memorises. Validation and test keep the "
+    "seeded pairs.",
+)
+@click.option(
     "--ema-decay",
     type=float,
     default=_T.ema_decay or 0.0,
@@ -354,7 +362,7 @@ _TRAIN_FLAGS = (
     "epochs", "batch_size", "lr", "weight_decay", "seed", "workers", "device", "out", "log_interval",
     "accumulation_steps", "loss", "ldam_max_margin", "ldam_scale", "ldam_weight", "patience", "scheduler",
     "plateau_factor", "plateau_patience", "select_on", "amp", "channels_last", "freeze_epochs", "evaluate",
-    "optimizer", "label_smoothing", "augment", "warmup_epochs",
+    "optimizer", "label_smoothing", "augment", "warmup_epochs", "shuffle_pairs",
 )  # fmt: skip
 #: The only flags --resume accepts.
 _RESUME_FLAGS = ("resume", "epochs", "device", "workers", "log_interval", "quiet", "evaluate")

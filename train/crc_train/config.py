@@ -161,6 +161,9 @@ class TrainConfig:
     #: training augmentation (augment.py): "full" (pathology D4 + H&E jitter, CT intensity + affine jitter),
     #: "d4" (pathology flips / rotations only) or "none".
     augment: str = "full"
+    #: re-pair the radiology images across each training batch at every step (augment.shuffle_pairs); valid
+    #: only because the pairing is synthetic. Validation and test keep the seeded pairing.
+    shuffle_pairs: bool = False
     #: decay of the exponential moving average of the weights (validated, checkpointed, exported); None = off.
     ema_decay: float | None = None
     #: which validation number picks checkpoint.pt: "val_acc" (ties -> lower loss) or "val_loss".
@@ -439,5 +442,6 @@ PRESETS: dict[str, dict[tuple[str, str], Any]] = {
         ("train", "label_smoothing"): 0.0,
         ("train", "ema_decay"): None,
         ("train", "augment"): "full",
+        ("train", "shuffle_pairs"): False,
     }
 }

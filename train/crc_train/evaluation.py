@@ -544,6 +544,15 @@ def render_run_report(m: dict[str, Any], config: dict[str, Any]) -> str:
         "change means the fused model behaves as a pathology-only model. A pathology-only run "
         "(`--fusion none`) shows no change by construction.",
         "",
+    ]
+    if config.get("train", {}).get("shuffle_pairs"):
+        lines += [
+            "This run was trained with `--shuffle-pairs`: the CT partners were re-drawn across every "
+            "training batch, so the model was trained not to rely on the radiology input (a fixed synthetic "
+            "partner is an identifier a fused model memorises the training labels from).",
+            "",
+        ]
+    lines += [
         *_explanations_section(m),
         "## Figures",
         "",

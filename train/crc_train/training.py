@@ -205,7 +205,7 @@ def train(
     scheduler = build_scheduler(optimizer, tcfg, len(train_loader))
     per_step_scheduler = scheduler if tcfg.scheduler == "cosine" else None
     scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
-    augment = Augment(tcfg.augment)
+    augment = Augment(tcfg.augment, tcfg.shuffle_pairs)
     ema = ModelEma(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     progress, rows, start_epoch = Progress(), [], 1
     if resume_state is not None:
@@ -228,13 +228,14 @@ def train(
         write_json(run_dir / "config.json", config_dict)
     log.info("run %s in %s on %s, %d process(es)", run_id, run_dir, device, ctx.world_size)
     log.info(
-        "%s/%s, loss %s, %s, %s schedule, augment %s, EMA %s",
+        "%s/%s, loss %s, %s, %s schedule, augment %s%s, EMA %s",
         cfg.model.backbone,
         cfg.model.fusion,
         tcfg.loss,
         tcfg.optimizer,
         tcfg.scheduler,
         tcfg.augment,
+        " + pairs shuffled per step" if tcfg.shuffle_pairs else "",
         tcfg.ema_decay if ema is not None else "off",
     )
     log.info(
