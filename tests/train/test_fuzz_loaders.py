@@ -23,6 +23,7 @@ from crc_train.config import RunConfig, load_run_config
 from crc_train.data import read_npz_split
 from crc_train.errors import ConfigError, DataError, UserError
 from crc_train.model import build_model
+from crc_train.optim import build_optimizer
 from crc_train.rundir import check_checkpoint, check_last, model_from_checkpoint
 from crc_train.training import DistContext, _restore
 from hypothesis import HealthCheck, given, settings
@@ -253,7 +254,7 @@ def resume_target(last_state: dict):
     """The objects ``_restore`` loads a last.pt into, built once from the run's own config."""
     cfg = RunConfig.from_dict(last_state["config"])
     model = build_model(cfg.model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = build_optimizer(model, cfg.train)
     return _Quiet((model, optimizer, SimpleNamespace(generator=torch.Generator())))
 
 
@@ -273,6 +274,6 @@ def test_last_pt_random_fields(last_state, resume_target, data):
         check_last(state, "fuzz/last.pt")
         if len(state["rng"]) != 1:
             return  # train() refuses another process count before _restore (tests/train/test_saved_files)
-        _restore(state, model, optimizer, None, None, loader, DistContext(), Path("fuzz/last.pt"))
+        _restore(state, model, None, optimizer, None, None, loader, DistContext(), Path("fuzz/last.pt"))
     except UserError as exc:
         _one_line(exc)

@@ -125,6 +125,14 @@ def test_ema_is_what_validation_and_the_checkpoint_use(synthetic_root: Path, tmp
     assert evaluate(model, loader, torch.device("cpu"))["loss"] == pytest.approx(logged, abs=1e-6)
     model.load_state_dict(raw)
     assert evaluate(model, loader, torch.device("cpu"))["loss"] != pytest.approx(logged, abs=1e-6)
+    # the last.pt of an averaging run without a usable average is refused in one line, before any load
+    from crc_train.errors import CheckpointError
+    from crc_train.rundir import check_last
+
+    for damaged in (None, {**last["ema"], "steps": -1}, {**last["ema"], "state_dict": {}}):
+        with pytest.raises(CheckpointError, match="last.pt: ema") as info:
+            check_last({**last, "ema": damaged}, "last.pt")
+        assert "\n" not in str(info.value)
 
 
 def test_a_config_from_before_the_new_fields_keeps_its_recipe() -> None:
@@ -140,9 +148,9 @@ def test_a_config_from_before_the_new_fields_keeps_its_recipe() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("label_smoothing", 1.0, "label smoothing must be in [0, 1)"),
-        ("ema_decay", 1.0, "ema decay must be in (0, 1)"),
-        ("warmup_epochs", -1.0, "warmup epochs must be >= 0"),
+        ("label_smoothing", 1.0, "--label-smoothing must be in [0, 1)"),
+        ("ema_decay", 1.0, "--ema-decay must be in (0, 1)"),
+        ("warmup_epochs", -1.0, "--warmup-epochs must be >= 0"),
         ("augment", "heavy", "augment must be one of"),
         ("optimizer", "sgd", "optimizer must be one of"),
     ],

@@ -220,11 +220,11 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("augment", self.augment, AUGMENTS)
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not self.warmup_epochs >= 0:
-            raise ConfigError(f"warmup epochs must be >= 0, got {self.warmup_epochs}")
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not self.warmup_epochs >= 0:  # also refuses NaN
+            raise ConfigError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"ema decay must be in (0, 1), got {self.ema_decay}")
+            raise ConfigError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
 
 
 #: Largest --seed: numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1.

@@ -395,15 +395,9 @@ def _restore(
     """
     check_state_dict(model, state["state_dict"], where)
     model.load_state_dict(state["state_dict"])
-    if ema is not None:
-        saved = state.get("ema")
-        if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
-            raise CheckpointError(f"{where}: the run averages its weights (EMA) but last.pt holds no average")
-        check_state_dict(ema.module, saved["state_dict"], f"{where} (ema)")
-        try:
-            ema.load_state_dict(saved)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: ema state is not usable ({exc})") from None
+    if ema is not None:  # check_last checked its fields
+        check_state_dict(ema.module, state["ema"]["state_dict"], f"{where} (ema)")
+        ema.load_state_dict(state["ema"])
     # the optimiser numbers parameters in the order of its groups (AdamW: decayed, then not decayed)
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
     check_optimizer_state(state["optimizer"], grouped, where)
