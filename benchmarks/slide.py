@@ -1,7 +1,8 @@
 """Whole-slide throughput: tiles/s end-to-end (read + resample + infer) against engine-only, one run.
 
     python benchmarks/slide.py --backbone resnet50 --size 64     # builds the harness's bundle (needs torch)
-    python benchmarks/slide.py --bundle BUNDLE [--backend ort-cpu] [--batch-size 64] [--mpp 0.25]
+    python benchmarks/slide.py --bundle BUNDLE [--backend ort-cpu] [--artifact fp32] [--batch-size 64]
+        [--mpp 0.25]
 
 The slide is a tiled pyramidal TIFF (zlib-compressed 256-px tiles; ``--compression none`` for raw ones), a
 mosaic of the 18 example tiles of examples/pairs/ (upscaled, so every tile holds tissue), written once into
@@ -82,6 +83,7 @@ def main() -> None:
     )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backend", default="ort-cpu", choices=["auto", "ort-cpu", "ort-cuda", "trt"])
+    ap.add_argument("--artifact", default=None, help="as crc-infer's --artifact (fp32, int8); default: auto")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     ap.add_argument("--workers", type=int, default=None, help="tile reader threads (default: the runtime's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -109,7 +111,7 @@ def main() -> None:
     workers = default_workers() if args.workers is None else args.workers
     job = SlideJob(slide_path, make_slide_lib.RADIOLOGY, bundle, args.work / "out", min_tissue=0.0)
     batch = args.batch_size
-    predictor = Predictor(bundle, args.backend, batch, threads=args.threads)
+    predictor = Predictor(bundle, args.backend, batch, artifact=args.artifact, threads=args.threads)
     backend = predictor.backend
     tiles = len(job.grid.tiles)
     calls = max(3, math.ceil(tiles / batch / 2))
