@@ -564,9 +564,11 @@ def check_last(state: dict[str, Any], path: str | Path) -> None:
     if cfg.train.ema_decay is not None:
         ema = state.get("ema")
         if not (isinstance(ema, dict) and _number(ema.get("decay")) and _int(ema.get("steps"))):
-            raise _bad(where, "ema", "the weight average of the run's --ema-decay (decay, steps, state_dict)", ema)
+            expected = "the weight average of the run's --ema-decay (decay, steps, state_dict)"
+            raise _bad(where, "ema", expected, ema)
         if ema["steps"] < 0 or not 0 < ema["decay"] < 1:
-            raise _bad(where, "ema", "steps >= 0 and a decay in (0, 1)", {k: ema[k] for k in ("decay", "steps")})
+            found = {k: ema[k] for k in ("decay", "steps")}
+            raise _bad(where, "ema", "steps >= 0 and a decay in (0, 1)", found)
         _tensors(ema.get("state_dict"), f"{where}: ema")
 
 
