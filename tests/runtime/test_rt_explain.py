@@ -49,6 +49,8 @@ def test_explain_run_margin_split_adds_up_and_overlays_keep_the_input_size(tiny,
     result = _run(tiny.csv_dir, "--bundle", tiny_explain, "--output", out, "--explain", pngs)
     assert result.exit_code == 0, result.output
     assert "backend: ort-cpu on model.explain.onnx" in result.output
+    backend_line = next(line for line in result.output.splitlines() if line.startswith("backend:"))
+    assert "--explain" in backend_line and "--artifact" not in backend_line  # the user gave no --artifact
     assert f"explanations: {2 * len(tiny.expected)} overlay PNGs in {pngs}" in result.output
     rows = _rows(out)
     assert list(rows[0])[-7:] == [

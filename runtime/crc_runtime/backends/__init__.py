@@ -107,6 +107,8 @@ def choose(
         engine, why_not_trt = find_engine(bundle, gpu)
         if engine is not None:
             return "trt", f"TensorRT engine {why_not_trt}"
+    elif kind == "explain":  # what Predictor(explain=True) / --explain runs
+        why_not_trt = "--explain runs on onnxruntime"
     else:
         why_not_trt = f"--artifact {artifact} is not an engine"
     if cuda_provider():
@@ -136,7 +138,8 @@ def choose_artifact(bundle: Bundle, device: str, requested: str | None = None) -
             for ``device`` is usable; one line listing the artifacts.
     """
     if requested is not None:
-        return bundle.artifact(requested), f"--artifact {requested}"
+        art = bundle.artifact(requested)
+        return art, "--explain" if art.get("kind") == "explain" else f"--artifact {requested}"
     prefer = ARTIFACT_PREFERENCE[device]
     for rank, precision in enumerate(prefer):
         usable = [
