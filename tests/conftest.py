@@ -5,12 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 _OUR_LOGGERS = ("crc_train", "crc_export", "crc_runtime")
+
+# A shell that runs a job in the background (``cmd &``, as a CI wrapper may) sets SIGINT to ignored, the
+# children inherit that, and Python then keeps ignoring Ctrl-C: a test that sends SIGINT would see the
+# child run to its end. Children of such tests run this first, which gives Ctrl-C its usual meaning back.
+_RESTORE_CTRL_C = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
+@pytest.fixture
+def python_c() -> Callable[..., list[str]]:
+    """``python_c(code, *args)``: the argv of ``python -c code args`` in which Ctrl-C (SIGINT) raises
+    KeyboardInterrupt, whatever the test runner's own SIGINT disposition."""
+    return lambda code, *args: [sys.executable, "-c", _RESTORE_CTRL_C + code, *(str(a) for a in args)]
 
 
 @pytest.fixture(autouse=True)

@@ -231,11 +231,10 @@ def test_a_full_disk_mid_export_is_one_line(tiny_run, clone_run, tmp_path, monke
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
-def test_ctrl_c_exits_130_and_leaves_nothing(tiny_run: Path, clone_run, tmp_path: Path) -> None:
+def test_ctrl_c_exits_130_and_leaves_nothing(tiny_run: Path, clone_run, tmp_path: Path, python_c) -> None:
     run, out = clone_run(tiny_run), tmp_path / "bundle"
-    code = "from crc_export.cli import main; main()"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(run), "-o", str(out), "-v", "--no-fp16"],
+        python_c("from crc_export.cli import main; main()", run, "-o", out, "-v", "--no-fp16"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -321,21 +320,17 @@ def open_dir() -> Path:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-# A real crc-infer process. The launcher restores Python's Ctrl-C handler: a shell that runs a job in the
-# background (``cmd &``, as a CI wrapper may) sets SIGINT to ignored, children inherit that, and then
-# Ctrl-C would do nothing. ``preamble`` runs first (e.g. a file size limit).
-_LAUNCHER = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
-)
+# A real crc-infer process, with Ctrl-C restored (tests/conftest.py: python_c). ``preamble`` runs first (e.g.
+# a file size limit).
+_LAUNCHER = "import sys; from crc_runtime.cli import main; sys.argv[0] = 'crc-infer'; main()"
 
 
 @pytest.fixture
-def crc_infer_command():
+def crc_infer_command(python_c):
     """``crc_infer_command(args, preamble="")``: the argv of a real ``crc-infer`` process."""
 
     def command(args, preamble: str = "") -> list[str]:
-        return [sys.executable, "-c", preamble + _LAUNCHER, *(str(a) for a in args)]
+        return python_c(preamble + _LAUNCHER, *args)
 
     return command
 

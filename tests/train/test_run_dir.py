@@ -107,15 +107,17 @@ def test_cli_overwrite_flag_and_resume_refuses_it(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
-def test_ctrl_c_exits_130_with_one_line(synthetic_root: Path, tmp_path: Path) -> None:
+def test_ctrl_c_exits_130_with_one_line(synthetic_root: Path, tmp_path: Path, python_c) -> None:
     out = tmp_path / "run"
     args = [
         "--data-root", str(synthetic_root), "--backbone", "resnet18", "--fusion", "none", "--epochs", "50",
         "--batch-size", "4", "--max-train-pairs", "8", "--device", "cpu", "--quiet", "--out", str(out),
     ]  # fmt: skip
-    code = "from crc_train.cli import main; main()"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        python_c("from crc_train.cli import main; main()", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 600
     while not (out / "last.pt").exists():  # training is under way (epoch 1 done)
