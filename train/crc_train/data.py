@@ -175,7 +175,7 @@ def read_npz_split(
             raise DataError(f"downloading {path.name} into {path.parent} failed ({reason})") from None
         raise DataError(_missing_message(path.parent, size)) from None
     except (*_READ_ERRORS, KeyError) as exc:  # a damaged member (bad CRC, truncated deflate stream)
-        _check_headers(path, flag, split, size)  # names the key when a header is at fault
+        _check_headers(path, flag, split, size, read_members=True)  # names the key that is at fault
         raise DataError(f"{path}: {split} arrays cannot be read ({first_line(exc)})") from None
     if download:
         _check_headers(path, flag, split, size)
@@ -190,8 +190,12 @@ def read_npz_split(
     return images, labels
 
 
-def _check_headers(path: Path, flag: str, split: str, size: int) -> None:
-    """Keys, dtypes and shapes of one split's arrays, from their .npy headers alone (no data read)."""
+def _check_headers(path: Path, flag: str, split: str, size: int, read_members: bool = False) -> None:
+    """Keys, dtypes and shapes of one split's arrays, from their .npy headers alone (no data read).
+
+    ``read_members`` also reads both arrays, so that a damaged one (zip's CRC check) is named by its key:
+    only after a read has failed, since reading them is the load itself (1 GB for PathMNIST at 64 px).
+    """
     modality, _n_classes, channels = NPZ_FILES[flag]
     not_npz = f"{path}: not an npz archive (MedMNIST's zip of {split}_images, {split}_labels, ...)"
     try:
@@ -223,8 +227,9 @@ def _check_headers(path: Path, flag: str, split: str, size: int) -> None:
                 f"{path}: {label_key} has shape {label_shape}, expected one label per image "
                 f"({img_shape[0]} x 1, as {img_key} holds {img_shape[0]} images)"
             )
-        for key in (img_key, label_key):  # a damaged member: zip's CRC check names it
-            _npz_array(npz, path, key)
+        if read_members:
+            for key in (img_key, label_key):
+                _npz_array(npz, path, key)
 
 
 def _npz_header(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
