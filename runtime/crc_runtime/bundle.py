@@ -496,6 +496,11 @@ def _any(value: object, at: str) -> None:
 _SHA256 = _type(str, "a sha256 hex string")
 _DTYPE = _one_of(*DTYPES)
 _SHAPE = _list(_dim, "a list of dimensions (positive integers or names)", min_items=1)
+_OUTPUT_SPECS = _list(
+    _object({"name": STRING, "dtype": _DTYPE, "shape": _SHAPE}),
+    "a non-empty list of output specs",
+    min_items=1,
+)
 _OPTIONAL_STRING = _nullable(STRING)
 _PARITY = _object(
     {},
@@ -542,11 +547,7 @@ _ARTIFACT = _object(
         "graph": _any,
         # The explain artifact (docs/bundle.md): its branches, its own outputs, its reference maps.
         "branches": _list(STRING, "a non-empty list of branch names", min_items=1),
-        "outputs": _list(
-            _object({"name": STRING, "dtype": _DTYPE, "shape": _SHAPE}),
-            "a non-empty list of output specs",
-            min_items=1,
-        ),
+        "outputs": _OUTPUT_SPECS,
         "reference": _plain_name,
     },
 )
@@ -563,11 +564,7 @@ MANIFEST_SCHEMA: Check = _object(
             "a non-empty list of input specs",
             min_items=1,
         ),
-        "outputs": _list(
-            _object({"name": STRING, "dtype": _DTYPE, "shape": _SHAPE}),
-            "a non-empty list of output specs",
-            min_items=1,
-        ),
+        "outputs": _OUTPUT_SPECS,
         "files": _mapping(_SHA256, "a dict of file name -> sha256"),
         "resize": _object(
             {"library": _any, "filter": _any, "size": _any}, {"when": STRING}

@@ -147,7 +147,7 @@ def run_command(**options) -> None:
 
 def _run_folder(opts: RunOptions) -> FolderRun:
     """Open the bundle on its backend, stream the folder through it, write predictions and the report."""
-    from .bundle import MANIFEST_NAME, load_bundle, sha256_file
+    from .bundle import load_bundle
     from .explain import ExplainWriter
     from .pairs import discover_pairs
     from .predict import default_workers, prediction_columns, prediction_row
@@ -175,10 +175,7 @@ def _run_folder(opts: RunOptions) -> FolderRun:
         tf32=opts.tf32,
         explain=opts.explain_dir is not None,
     ) as predictor:
-        run_key = {
-            "manifest_sha256": sha256_file(bundle.path / MANIFEST_NAME),
-            "artifact": predictor.artifact["file"],
-        }
+        run_key = predictor.model_key()
         explainer = None
         if predictor.explain is not None:
             workers = default_workers() if opts.workers is None else opts.workers

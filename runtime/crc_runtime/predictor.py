@@ -30,9 +30,9 @@ from PIL import Image
 
 from .backends import Selection, open_backend
 from .backends.base import Backend
-from .bundle import Bundle, load_bundle
+from .bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from .errors import UserError
-from .explain import check_explain_outputs, explain_artifact
+from .explain import explain_artifact
 from .images import CHANNELS, conform_image, load_image
 from .pairs import PairSet
 from .predict import InferenceResult, check_backend, input_plan, run_inference, softmax
@@ -133,11 +133,9 @@ class Predictor:
         self.load_seconds = time.perf_counter() - t0  # opening the backend: session or engine load
         self.last_seconds = 0.0  # wall time of the last model call
         try:
+            # with explain, against the artifact's own outputs, which explain_artifact checked hold every
+            # output the explanations read
             check_backend(self.bundle, self.backend, self.explain)
-            if self.explain is not None:
-                check_explain_outputs(
-                    self.explain, [s.name for s in self.backend.output_specs], self.bundle.path
-                )
         except BaseException:
             self.close()
             raise
@@ -151,6 +149,14 @@ class Predictor:
     def artifact(self) -> dict:
         """The manifest entry of the artifact that runs."""
         return self.selection.artifact
+
+    def model_key(self) -> dict:
+        """What identifies the model that runs, for resuming an output: the manifest's sha256 (it lists every
+        file's) and the artifact."""
+        return {
+            "manifest_sha256": sha256_file(self.bundle.path / MANIFEST_NAME),
+            "artifact": self.artifact["file"],
+        }
 
     @property
     def reason(self) -> str:

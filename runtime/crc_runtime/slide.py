@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .atomic import atomic_path
-from .bundle import MANIFEST_NAME, Bundle, sha256_file
+from .bundle import Bundle, sha256_file
 from .errors import UserError
 from .images import check_regular_file, conform_image, file_signature, load_image, to_mode
 from .pairs import PairSet
@@ -707,8 +707,7 @@ class SlideJob:
         """What must be equal for a resumed run's rows to be kept: model, slide, radiology image, grid."""
         g, s = self.grid, self.slide
         return {
-            "manifest_sha256": sha256_file(self.bundle.path / MANIFEST_NAME),
-            "artifact": predictor.artifact["file"],
+            **predictor.model_key(),
             "slide": {"quickhash": s.quickhash, "size": [s.width, s.height], "mpp": [s.mpp_x, s.mpp_y]},
             "radiology_sha256": sha256_file(self.radiology_path) if self.radiology_path else None,
             "grid": {"stride_um": g.stride_um, "min_tissue": g.min_tissue, "level": g.level, "cols": g.cols},
