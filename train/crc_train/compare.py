@@ -6,36 +6,20 @@ Every run must have predicted the same test pairs with the same labels; otherwis
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from crc_train.errors import UserError
-from crc_train.evaluation import RunDirError, markdown_table, read_predictions
-from crc_train.metrics import PAIRED_VS_UNPAIRED, mcnemar, mean_sd, two_proportion_z
+from crc_train.evaluation import RunDirError, markdown_table, read_json_or_empty, read_predictions
+from crc_train.metrics import PAIRED_VS_UNPAIRED, macro_f1, mcnemar, mean_sd, two_proportion_z
 
 __all__ = ["CompareError", "check_same_pairs", "compare_runs", "load_run", "render_compare"]
 
 
 class CompareError(UserError):
     """Runs that cannot be compared pair by pair."""
-
-
-def _macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(labels, preds, labels=list(range(n_classes)), average="macro", zero_division=0))
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"cannot read {path}: {exc}") from exc
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -53,7 +37,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     pred = read_predictions(run_dir)
     labels = pred["labels"].astype(np.int64).reshape(-1)
     preds = pred["preds"].astype(np.int64).reshape(-1)
-    metrics = _json_or_empty(run_dir / "metrics.json")
+    metrics = read_json_or_empty(run_dir / "metrics.json")
     n_classes = pred["probs"].shape[1]
     return {
         "dir": run_dir,
@@ -65,9 +49,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "classes": metrics.get("classes"),
         "n_classes": n_classes,
         "acc": float((labels == preds).mean()),
-        "f1": _macro_f1(labels, preds, n_classes),
+        "f1": macro_f1(labels, preds, n_classes),
         "metrics": metrics,
-        "config": _json_or_empty(run_dir / "config.json"),
+        "config": read_json_or_empty(run_dir / "config.json"),
     }
 
 

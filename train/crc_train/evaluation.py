@@ -26,7 +26,14 @@ from crc_train.config import RunConfig, load_run_config
 from crc_train.data import PairedSplit, load_split
 from crc_train.errors import UserError
 from crc_train.explain import branch_terms, centre_branch, grad_cam, margin_split, modality_summary
-from crc_train.metrics import EXACT_BELOW, KEY_CLASSES, PAIRED_VS_UNPAIRED, classification_metrics, short_name
+from crc_train.metrics import (
+    EXACT_BELOW,
+    KEY_CLASSES,
+    PAIRED_VS_UNPAIRED,
+    classification_metrics,
+    macro_f1,
+    short_name,
+)
 from crc_train.plots import (
     plot_confusion_matrix,
     plot_gradcam_grid,
@@ -135,7 +142,10 @@ def read_predictions(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_or_empty(path: Path) -> dict[str, Any]:
+    """A run dir's JSON file ({} when it does not exist); one RunDirError when it cannot be read."""
+    if not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -198,7 +208,11 @@ def evaluate_run(
     perm = np.random.default_rng(ablation_seed).permutation(len(split))
     shuffled = replace(split, radiology=np.ascontiguousarray(split.radiology[perm]))
     abl_probs = predict(model, shuffled, dev, batch_size)["probs"]
-    abl = classification_metrics(labels, abl_probs.argmax(1), abl_probs, classes)
+    abl_preds = abl_probs.argmax(1)  # only accuracy and macro-F1 are reported: no CIs, curves or AUCs
+    abl = {
+        "accuracy": int((labels == abl_preds).sum()) / len(labels),
+        "macro_f1": macro_f1(labels, abl_preds, len(classes)),
+    }
 
     # How much each modality decided: the exact split of every margin by branch (crc_train.explain).
     terms, bias = branch_terms(model, out["features"])
@@ -206,7 +220,7 @@ def evaluate_run(
     # ... and with the radiology term's test-set mean moved to the bias: the part a given slice adds.
     slice_specific = modality_summary(margin_split(out["logits"], *centre_branch(terms, bias)))
 
-    old = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    old = read_json_or_empty(run_dir / "metrics.json")
     best_epoch = int(old.get("best_epoch", ckpt["epoch"]))
     mcfg = ckpt["model_config"]
     result: dict[str, Any] = {

@@ -18,12 +18,8 @@ The runtime (``crc_runtime.explain``) computes the same margin split torch-free 
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 __all__ = ["branch_terms", "centre_branch", "grad_cam", "margin_split", "modality_summary"]
 
@@ -50,7 +46,7 @@ def grad_cam(
         (``fused`` for early fusion: one map for both images).
     """
     model.eval()
-    nets = dict(zip(model.branch_names, _branch_nets(model), strict=True))
+    nets = model.branch_nets()
     captured: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -76,14 +72,6 @@ def grad_cam(
         alpha = grad.mean(dim=(2, 3), keepdim=True)
         maps[name] = torch.relu((alpha * activation).sum(dim=1)).detach()
     return logits.detach(), maps
-
-
-def _branch_nets(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ResNet of each branch, in ``branch_names`` order."""
-    nets = [model.pathology]
-    if getattr(model, "radiology", None) is not None:
-        nets.append(model.radiology)
-    return nets
 
 
 def branch_terms(model: torch.nn.Module, features: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:

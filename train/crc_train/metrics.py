@@ -46,6 +46,7 @@ __all__ = [
     "PAIRED_VS_UNPAIRED",
     "SHORT_NAMES",
     "bootstrap_macro_f1",
+    "macro_f1",
     "ci_note",
     "classification_metrics",
     "key_class_order",
@@ -183,7 +184,7 @@ def classification_metrics(
     # Macro averages over all C classes (zero_division=0), as the existing macro_f1 key always was.
     p, r, f, _ = precision_recall_fscore_support(
         labels, preds, labels=index, average="macro", zero_division=0
-    )
+    )  # f = macro_f1(labels, preds, n_classes); p and r come with it
     pc, rc, fc, sc = precision_recall_fscore_support(
         labels, preds, labels=index, average=None, zero_division=0
     )
@@ -374,6 +375,16 @@ def _macro_f1_of_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -
     denom = cm.sum(axis=2) + cm.sum(axis=1)  # 2 tp + fn + fp
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
     return f1.mean(axis=1)
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over all ``n_classes`` classes (zero_division=0), as ``classification_metrics`` reports it."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    index = list(range(n_classes))
+    return float(
+        precision_recall_fscore_support(labels, preds, labels=index, average="macro", zero_division=0)[2]
+    )
 
 
 def bootstrap_macro_f1(

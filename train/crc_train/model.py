@@ -191,9 +191,9 @@ class FusionNet(nn.Module):
     @property
     def branch_names(self) -> list[str]:
         """Names of the final maps in embedding order (the keys of ``forward_maps`` / ``forward_cams``)."""
-        return list(self._nets())
+        return list(self.branch_nets())
 
-    def _nets(self) -> dict[str, nn.Module]:
+    def branch_nets(self) -> dict[str, nn.Module]:
         """The ResNet that makes each final map, by the map's name (see ``forward_maps``)."""
         if self.fusion == "early":
             return {"fused": self.pathology}
@@ -221,7 +221,7 @@ class FusionNet(nn.Module):
 
     def _pooled(self, maps: dict[str, torch.Tensor], r: torch.Tensor) -> torch.Tensor:
         """The fused embedding: each map average-pooled, concatenated in ``maps`` order."""
-        nets = self._nets()
+        nets = self.branch_nets()
         pooled = torch.cat([_pool(nets[name], fmap) for name, fmap in maps.items()], dim=1)
         if self.fusion == "none":
             # The baseline ignores radiology, but keeps it in the graph (times exactly 0, finite inputs)
@@ -259,7 +259,8 @@ class FusionNet(nn.Module):
         """
         linear, width = self.head[-1], self.branch_dim
         # Slices, not torch.split: the exported graph then needs no multi-output Split node.
-        split = {name: linear.weight[:, i * width : (i + 1) * width] for i, name in enumerate(self._nets())}
+        names = self.branch_names
+        split = {name: linear.weight[:, i * width : (i + 1) * width] for i, name in enumerate(names)}
         return split, linear.bias
 
     def forward_cams(

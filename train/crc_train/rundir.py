@@ -29,11 +29,9 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -254,8 +252,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     check_checkpoint(ckpt, path)
@@ -493,8 +489,7 @@ def load_last(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot read {path}: {first}") from exc
+        raise CheckpointError(f"cannot read {path}: {first_line(exc)}") from exc
     check_last(state, path)
     return state
 

@@ -51,7 +51,7 @@ from crc_train.augment import Augment
 from crc_train.config import RunConfig, TrainConfig
 from crc_train.data import PairedDataset, channel_stats, load_split
 from crc_train.ema import ModelEma
-from crc_train.errors import CheckpointError, ConfigError, DivergedError
+from crc_train.errors import CheckpointError, ConfigError, DivergedError, first_line
 from crc_train.losses import TrainLoss, cosine_logits
 from crc_train.model import build_model, load_pretrained, set_backbones_trainable, source_state_dict
 from crc_train.optim import build_optimizer, build_scheduler
@@ -273,7 +273,7 @@ def train(
             raise DivergedError(
                 f"the validation loss became {val['loss']} at epoch {epoch}: {_DIVERGED_HINT.format(lr=lr)}"
             )
-        if scheduler is not None and per_step_scheduler is None:
+        if tcfg.scheduler == "plateau":  # stepped per epoch on the validation loss; cosine per step
             scheduler.step(val["loss"])
         rows.append(
             {
@@ -408,8 +408,7 @@ def _restore(
         try:
             target.load_state_dict(state[name])
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"{where}: {name} state does not fit this run: {first}") from None
+            raise CheckpointError(f"{where}: {name} state does not fit this run: {first_line(exc)}") from None
     try:
         restore_rng(state["rng"][ctx.rank], train_loader.generator)
     except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
