@@ -325,14 +325,16 @@ def build_bundle(run_dir: Path, bundle: Path, cfg: ExportConfig) -> ExportResult
                     artifacts.append(_engine_artifact(source, "int8", work, image_size, ref, cfg, previous))
                     artifacts[-1]["quantization"] = trt_quantization
             step("manifest")
-            files = [
-                "reference.npz",
-                *(a["file"] for a in artifacts),
-                *{name: None for a in artifacts for name in a.get("external_data", [])},  # shared once
-                *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
-                *(a["reference"] for a in artifacts if "reference" in a),
-                *(a["engine"]["source"] for a in artifacts if a.get("kind") == "tensorrt"),  # ONNX built
-            ]
+            files = dict.fromkeys(  # each file once: an engine's ONNX source may be an artifact too
+                [
+                    "reference.npz",
+                    *(a["file"] for a in artifacts),
+                    *(name for a in artifacts for name in a.get("external_data", [])),
+                    *(a["timing_cache"] for a in artifacts if "timing_cache" in a),
+                    *(a["reference"] for a in artifacts if "reference" in a),
+                    *(a["engine"]["source"] for a in artifacts if a.get("kind") == "tensorrt"),  # ONNX built
+                ]
+            )
             manifest = _manifest(
                 ckpt,
                 config,

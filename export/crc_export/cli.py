@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 import click
-from crc_runtime.cli_options import setup_logging
+from crc_runtime.cli_options import EXIT_INTERRUPTED, setup_logging
 from crc_runtime.validate import THRESHOLD_KEYS, parse_threshold
 from crc_train.cli import missing_modules
+
+from crc_export.int8 import CALIBRATION_METHODS  # numpy only at import time
 
 EXTRA_HINT = "crc-export needs the export extra: pip install 'crc-fusion[export]'"
 REQUIRED_MODULES = ("torch", "torchvision", "medmnist", "onnx", "onnxscript", "onnxruntime")
 
 
-#: Ctrl-C: 128 + SIGINT, like crc-infer and crc-train.
-EXIT_INTERRUPTED = 130
 INTERRUPTED = (
     "interrupted: nothing half-written is left (a bundle or Triton repository appears whole or not at all)"
 )
@@ -105,7 +105,7 @@ def _threshold_override(ctx, param, values):
 )
 @click.option(
     "--int8-calibration",
-    type=click.Choice(["minmax", "entropy", "percentile"]),
+    type=click.Choice(CALIBRATION_METHODS),
     default="percentile",
     show_default=True,
     help="How activation ranges are set from the calibration pairs (docs/export.md says why percentile).",

@@ -42,7 +42,7 @@ import io
 import logging
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -268,7 +268,10 @@ def write_qdq(
 
 def _record(path: Path, cfg: Int8Config, regions: dict[str, list[str]], activations: str) -> dict:
     """The manifest's description of one QDQ file; raises if a convolution escaped quantization."""
-    summary = int8_summary(path)
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph  # once: the INT8 weights are inside
+    summary = _graph_summary(graph)
     if summary["conv_int8"] != summary["conv_total"]:
         raise RuntimeError(f"{path}: not every convolution was quantized ({summary})")
     return {
@@ -279,7 +282,7 @@ def _record(path: Path, cfg: Int8Config, regions: dict[str, list[str]], activati
         "weights": f"int8, symmetric, {'per output channel' if cfg.per_channel else 'per tensor'}",
         "reduce_range": cfg.reduce_range,
         "quantized_op_types": list(QUANTIZED_OP_TYPES),
-        "fp32_regions": {key: sorted(Counter(_op_types(regions[key], path)).items()) for key in regions},
+        "fp32_regions": {key: _op_type_counts(graph, names) for key, names in regions.items()},
         "calibration": {
             "method": cfg.method,
             **({"percentile": cfg.percentile} if cfg.method == "percentile" else {}),
@@ -289,11 +292,10 @@ def _record(path: Path, cfg: Int8Config, regions: dict[str, list[str]], activati
     }
 
 
-def _op_types(names: list[str], path: Path) -> list[str]:
-    import onnx
-
+def _op_type_counts(graph, names: list[str]) -> list[tuple[str, int]]:
+    """(op type, count) of the graph's nodes named in ``names``, sorted."""
     wanted = set(names)
-    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node if n.name in wanted]
+    return sorted(Counter(n.op_type for n in graph.node if n.name in wanted).items())
 
 
 def int8_summary(path: str | Path) -> dict[str, int]:
@@ -307,7 +309,13 @@ def int8_summary(path: str | Path) -> dict[str, int]:
     """
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    return _graph_summary(onnx.load(str(path), load_external_data=False).graph)
+
+
+def _graph_summary(graph) -> dict[str, int]:
+    """:func:`int8_summary` of a loaded graph."""
+    import onnx
+
     producers = _producers(graph)
 
     def from_dq(name: str) -> bool:
@@ -336,8 +344,3 @@ def int8_summary(path: str | Path) -> dict[str, int]:
         "gemm_total", "gemm_fp32", "quantize_nodes", "dequantize_nodes", "int8_weights",
     )  # fmt: skip
     return {key: int(counts[key]) for key in keys}
-
-
-def config_record(cfg: Int8Config) -> dict:
-    """The settings of ``cfg`` as recorded in the manifest."""
-    return asdict(cfg)
