@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .atomic import atomic_write_text
-from .errors import BundleError
+from .errors import BundleError, os_reason
 
 if TYPE_CHECKING:
     from .backends.base import TensorSpec
@@ -79,7 +79,7 @@ def artifact_files(artifact: dict) -> list[str]:
 
 
 def _why(exc: OSError) -> str:
-    return (exc.strerror or str(exc) or type(exc).__name__).lower()
+    return os_reason(exc) or type(exc).__name__.lower()
 
 
 def _describe_spec(spec: dict) -> str:

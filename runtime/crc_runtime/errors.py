@@ -41,6 +41,11 @@ class BackendError(UserError):
     """An inference backend that cannot run what was asked (provider missing, wrong inputs)."""
 
 
+def os_reason(exc: OSError) -> str:
+    """Why a file operation failed, lower case, for one-line messages: ``cannot read (permission denied)``."""
+    return (exc.strerror or str(exc)).lower()
+
+
 def printable(text: str) -> str:
     """``text`` safe to print on one line: undecodable bytes and control characters shown escaped.
 

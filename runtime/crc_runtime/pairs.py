@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .confine import Confined, Refused
-from .errors import PairsError, printable
+from .errors import PairsError, os_reason, printable
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _read_rows(csv_path: Path, confined: Confined) -> tuple[list[str], list[tupl
     except Refused as exc:
         raise PairsError(f"{csv_path}: {exc.reason}") from None
     except OSError as exc:
-        raise PairsError(f"{csv_path}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
+        raise PairsError(f"{csv_path}: cannot read ({os_reason(exc)})") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise PairsError(f"{csv_path}: UTF-16 text; save it as UTF-8 CSV")
     # Undecodable bytes become lone surrogates, so one bad row is skipped, not the whole file.
@@ -271,7 +271,7 @@ def discover_pairs(folder: str | os.PathLike, classes: Sequence[str] | None = No
         result = _discover(folder, classes)
     except OSError as exc:  # a folder that cannot be listed or looked into (permissions)
         where = exc.filename if exc.filename is not None else folder
-        why = (exc.strerror or str(exc)).lower()
+        why = os_reason(exc)
         raise PairsError(f"{where}: cannot read ({why}); check the permissions of the input folder") from None
     if not result.pairs:
         first = f" (first: {result.skipped[0].item}: {result.skipped[0].reason})" if result.skipped else ""

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .errors import UserError
+from .errors import UserError, os_reason
 
 try:
     import fcntl
@@ -59,10 +59,6 @@ def _csv_text(rows: Iterable[Sequence[str]]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
-
-
-def _why(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
 
 
 def _written_names(path: Path, flag: str) -> list[tuple[str, Path]]:
@@ -172,7 +168,7 @@ class PredictionWriter:
         try:
             self._fh = open(self._open_locked(), "ab", buffering=0)  # noqa: SIM115 (closed in finalize)
         except OSError as exc:
-            raise UserError(f"{self.partial}: cannot write predictions ({_why(exc)})") from None
+            raise UserError(f"{self.partial}: cannot write predictions ({os_reason(exc)})") from None
         try:
             if resume and os.fstat(self._fh.fileno()).st_size:
                 self._load_partial()
@@ -182,7 +178,7 @@ class PredictionWriter:
                 self._start()
         except OSError as exc:
             self._fh.close()
-            raise UserError(f"{self.partial}: cannot write predictions ({_why(exc)})") from None
+            raise UserError(f"{self.partial}: cannot write predictions ({os_reason(exc)})") from None
         except BaseException:
             self._fh.close()
             raise
@@ -305,7 +301,8 @@ class PredictionWriter:
         try:
             self._write(_csv_text(rows).encode("utf-8"))
         except OSError as exc:
-            raise UserError(f"{self.partial}: cannot write predictions ({_why(exc)}), make room") from None
+            reason = os_reason(exc)
+            raise UserError(f"{self.partial}: cannot write predictions ({reason}), make room") from None
         for row in rows:
             self.ids.append(self._id(row))
             self.done_ids.add(self._id(row))
